@@ -1,0 +1,219 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * kmesh-plugin datapath: cgroup connect4/connect6 programs that rewrite a connect() to a
+ * Service's ClusterIP:port into one endpoint, chosen by locality tier, before any packet leaves.
+ *
+ * Per connect: frontend lookup -> active set -> record -> first non-empty tier (tier 0 only in
+ * strict mode) -> uniform random slot in that tier -> rewrite address and port. A frontend with
+ * no eligible endpoint refuses the connect with ECONNREFUSED; it never falls through to the
+ * ClusterIP. Destinations that are no frontend pass untouched.
+ */
+#include <linux/bpf.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+
+#include "kmesh_lb.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Verdicts of kmesh_pick(). */
+#define KMESH_PASS 0    /* not a frontend: leave the connect alone */
+#define KMESH_REWRITE 1 /* endpoint chosen: rewrite the destination */
+#define KMESH_REFUSE 2  /* frontend without an eligible endpoint */
+
+/* Return values of a cgroup sock_addr program. */
+#define SOCK_ADDR_ALLOW 1
+#define SOCK_ADDR_REJECT 0
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_SERVICES);
+	__type(key, struct kmesh_frontend_key);
+	__type(value, struct kmesh_frontend);
+} kmesh_frontends SEC(".maps");
+
+/* The active set (0 or 1) of each service group. An array, so a flip is an in-place store of
+ * a value whose only changing byte is the lowest: a reader sees either the old or the new set,
+ * never a torn mixture (a hash update could recycle the element under a reader). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KMESH_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+} kmesh_active SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KMESH_MAX_SERVICES * KMESH_SETS);
+	__type(key, __u32);
+	__type(value, struct kmesh_record);
+} kmesh_records SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_ENDPOINTS);
+	__type(key, struct kmesh_slot_key);
+	__type(value, struct kmesh_endpoint);
+} kmesh_slots SEC(".maps");
+
+/* Not preallocated: an entry costs memory on every possible CPU, and most (sid, tier) pairs
+ * never see a connect. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, KMESH_MAX_SERVICES * KMESH_MAX_TIERS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct kmesh_stats_key);
+	__type(value, struct kmesh_stats);
+} kmesh_stats SEC(".maps");
+
+static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
+{
+	struct kmesh_stats_key key = { .sid = sid, .tier = tier };
+	struct kmesh_stats *stats = bpf_map_lookup_elem(&kmesh_stats, &key);
+
+	if (!stats) {
+		struct kmesh_stats zero = {};
+
+		/* NOEXIST: another CPU may have created the entry since our lookup. */
+		bpf_map_update_elem(&kmesh_stats, &key, &zero, BPF_NOEXIST);
+		stats = bpf_map_lookup_elem(&kmesh_stats, &key);
+		if (!stats)
+			return; /* map full: losing a count beats failing the connect */
+	}
+	/* Per-CPU value and the program cannot migrate while it runs: no atomics needed. */
+	if (refused)
+		stats->refused++;
+	else
+		stats->hits++;
+}
+
+static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
+				      struct kmesh_endpoint *out)
+{
+	struct kmesh_frontend *frontend;
+	struct kmesh_record *record;
+	struct kmesh_endpoint *endpoint;
+	struct kmesh_slot_key slot = {};
+	__u32 *active;
+	__u32 sid, set, index, ntiers, tier;
+
+	frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
+	if (!frontend)
+		return KMESH_PASS;
+	sid = frontend->sid;
+
+	active = bpf_map_lookup_elem(&kmesh_active, &sid);
+	if (!active)
+		goto refuse; /* sid out of range: refuse rather than leak the ClusterIP */
+	/* Read the active set exactly once: every later lookup must use the same set. */
+	set = *(volatile __u32 *)active & 1;
+
+	index = sid * KMESH_SETS + set;
+	record = bpf_map_lookup_elem(&kmesh_records, &index);
+	if (!record)
+		goto refuse;
+
+	ntiers = record->ntiers;
+	if (record->mode == KMESH_MODE_STRICT && ntiers > 1)
+		ntiers = 1;
+
+	/* Constant upper bound so the verifier can prove termination; ntiers ends it early. */
+	for (tier = 0; tier < KMESH_MAX_TIERS; tier++) {
+		__u32 count;
+
+		if (tier >= ntiers)
+			break;
+		count = record->count[tier];
+		if (!count)
+			continue;
+
+		slot.sid = sid;
+		slot.set = set;
+		slot.tier = tier;
+		slot.index = bpf_get_prandom_u32() % count;
+		endpoint = bpf_map_lookup_elem(&kmesh_slots, &slot);
+		if (!endpoint)
+			goto refuse; /* a count without its slot is a core bug: never pass through */
+		__builtin_memcpy(out, endpoint, sizeof(*out));
+		kmesh_count(sid, tier, 0);
+		return KMESH_REWRITE;
+	}
+refuse:
+	kmesh_count(sid, 0, 1);
+	return KMESH_REFUSE;
+}
+
+static __always_inline int kmesh_refuse(struct bpf_sock_addr *ctx)
+{
+	/* Fail connect() with ECONNREFUSED instead of the default EPERM of a rejecting program,
+	 * like kube-proxy's REJECT for a Service without endpoints. */
+	bpf_set_retval(-ECONNREFUSED);
+	return SOCK_ADDR_REJECT;
+}
+
+SEC("cgroup/connect4")
+int kmesh_connect4(struct bpf_sock_addr *ctx)
+{
+	struct kmesh_frontend_key key = {};
+	struct kmesh_endpoint endpoint;
+	__u32 ip4 = ctx->user_ip4;
+
+	key.addr[10] = 0xff;
+	key.addr[11] = 0xff;
+	__builtin_memcpy(&key.addr[12], &ip4, sizeof(ip4));
+	/* user_port holds the network-order port in its low 16 bits. */
+	key.port = (__be16)ctx->user_port;
+	key.protocol = ctx->protocol;
+
+	switch (kmesh_pick(&key, &endpoint)) {
+	case KMESH_REWRITE:
+		__builtin_memcpy(&ip4, &endpoint.addr[12], sizeof(ip4));
+		ctx->user_ip4 = ip4;
+		ctx->user_port = endpoint.port;
+		return SOCK_ADDR_ALLOW;
+	case KMESH_REFUSE:
+		return kmesh_refuse(ctx);
+	default:
+		return SOCK_ADDR_ALLOW;
+	}
+}
+
+SEC("cgroup/connect6")
+int kmesh_connect6(struct bpf_sock_addr *ctx)
+{
+	struct kmesh_frontend_key key = {};
+	struct kmesh_endpoint endpoint;
+	__u32 word;
+
+	/* The verifier allows only 4-byte accesses to user_ip6, one word at a time. A v4-mapped
+	 * destination (::ffff:a.b.c.d) arrives here and matches the v4 frontend as stored. */
+	word = ctx->user_ip6[0];
+	__builtin_memcpy(&key.addr[0], &word, 4);
+	word = ctx->user_ip6[1];
+	__builtin_memcpy(&key.addr[4], &word, 4);
+	word = ctx->user_ip6[2];
+	__builtin_memcpy(&key.addr[8], &word, 4);
+	word = ctx->user_ip6[3];
+	__builtin_memcpy(&key.addr[12], &word, 4);
+	key.port = (__be16)ctx->user_port;
+	key.protocol = ctx->protocol;
+
+	switch (kmesh_pick(&key, &endpoint)) {
+	case KMESH_REWRITE:
+		/* A v4 frontend has v4-mapped endpoints, which an IPv6 socket reaches as such. */
+		__builtin_memcpy(&word, &endpoint.addr[0], 4);
+		ctx->user_ip6[0] = word;
+		__builtin_memcpy(&word, &endpoint.addr[4], 4);
+		ctx->user_ip6[1] = word;
+		__builtin_memcpy(&word, &endpoint.addr[8], 4);
+		ctx->user_ip6[2] = word;
+		__builtin_memcpy(&word, &endpoint.addr[12], 4);
+		ctx->user_ip6[3] = word;
+		ctx->user_port = endpoint.port;
+		return SOCK_ADDR_ALLOW;
+	case KMESH_REFUSE:
+		return kmesh_refuse(ctx);
+	default:
+		return SOCK_ADDR_ALLOW;
+	}
+}

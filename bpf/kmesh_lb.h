@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The records shared by every kmesh-plugin BPF program and by the Python core.
+ *
+ * This header is the only place the kernel side declares a map layout. The Python side declares
+ * the same layouts once, in kmesh_plugin/datapath/records.py, and a test compares both against the
+ * BTF that clang emits for this file, so the two cannot drift apart silently.
+ *
+ * Update protocol (see README "How an update reaches the kernel"): every load-balanced service
+ * group (one Service port, one protocol, one IP family) owns two *sets* of records. The active
+ * set is named by kmesh_active[sid]; the core writes the inactive set, flips kmesh_active[sid]
+ * and then waits for an RCU grace period before it touches the old set again. A connect() thus
+ * reads one consistent set from start to end, and a full recompute switches at once.
+ */
+#ifndef KMESH_LB_H
+#define KMESH_LB_H
+
+#include <linux/types.h>
+
+/* Capacities. The core passes its plugin.toml values with -D when it compiles the object;
+ * these defaults match the shipped plugin.toml. */
+#ifndef KMESH_MAX_SERVICES
+#define KMESH_MAX_SERVICES 16384 /* service groups (Service x port x protocol x family) */
+#endif
+#ifndef KMESH_MAX_ENDPOINTS
+#define KMESH_MAX_ENDPOINTS 131072 /* endpoint slots, both sets counted */
+#endif
+
+/* Tiers: a routing preference has at most KMESH_MAX_TIERS - 1 scopes, which gives tiers
+ * 0 .. KMESH_MAX_TIERS - 1. It also bounds the tier loop in the program. */
+#define KMESH_MAX_TIERS 8
+#define KMESH_SETS 2 /* double-buffered record sets per service group */
+
+/* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
+ * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
+#define KMESH_MODE_RANDOM 0
+#define KMESH_MODE_FAILOVER 1
+#define KMESH_MODE_STRICT 2
+
+/* kmesh_frontends: ClusterIP:port/protocol -> service group id.
+ * IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so one key type serves connect4 and
+ * connect6 alike, and an IPv6 socket connecting to a v4-mapped ClusterIP finds the v4 frontend. */
+struct kmesh_frontend_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 protocol; /* IPPROTO_TCP, IPPROTO_UDP, ... */
+	__u8 pad;
+};
+
+struct kmesh_frontend {
+	__u32 sid;
+};
+
+/* kmesh_records[sid * KMESH_SETS + set]: what one set of a service group holds. */
+struct kmesh_record {
+	__u32 generation; /* bumped by every publish; for operators and tests */
+	__u8 mode;        /* KMESH_MODE_* */
+	__u8 ntiers;      /* tiers in use, <= KMESH_MAX_TIERS */
+	__u16 pad;
+	__u16 count[KMESH_MAX_TIERS]; /* endpoints per tier */
+};
+
+/* kmesh_slots: (sid, set, tier, index) -> endpoint. index < record.count[tier]. */
+struct kmesh_slot_key {
+	__u32 sid;
+	__u8 set;
+	__u8 tier;
+	__u16 index;
+};
+
+struct kmesh_endpoint {
+	__u8 addr[16]; /* v4-mapped for IPv4, like the frontend key */
+	__be16 port;
+	__u16 pad;
+};
+
+/* kmesh_stats (per-CPU): connects per (sid, tier); refusals are counted on tier 0. */
+struct kmesh_stats_key {
+	__u32 sid;
+	__u32 tier;
+};
+
+struct kmesh_stats {
+	__u64 hits;
+	__u64 refused;
+};
+
+#endif /* KMESH_LB_H */

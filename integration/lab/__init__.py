@@ -1,0 +1,1 @@
+"""The lab: fake Kubernetes nodes and pods on one machine (network namespaces, CNI, cgroups)."""

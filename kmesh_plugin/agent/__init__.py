@@ -1,0 +1,1 @@
+"""The agent: reconciles a cluster source into the datapath maps."""

@@ -1,0 +1,277 @@
+"""The node agent: source -> cluster state -> strategies -> tiers -> maps, forever.
+
+The first reconcile after the source's initial sync is a full one: it also removes frontends
+that the maps hold but the cluster no longer has (a restart over changed state). After that,
+each batch of events recomputes only the Services it touches; a relabel of the agent's own node
+recomputes everything, and each group still switches at once (see datapath/writer.py).
+
+A reconcile that fails (a plugin error, a full map) changes nothing for the Services involved:
+the kernel keeps their last good state, and the error is logged with the Service's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmesh_plugin.agent.planner import GroupPlan, Planner
+from kmesh_plugin.agent.state import ClusterState, Impact, ServiceKey
+from kmesh_plugin.agent.status import StatusFile
+from kmesh_plugin.datapath.loader import PROGRAMS, Datapath
+from kmesh_plugin.datapath.records import BackendSet, Frontend
+from kmesh_plugin.datapath.writer import MapWriter, PublishStats
+from kmesh_plugin.errors import KmeshError
+from kmesh_plugin.hookspecs import StrategySettings
+from kmesh_plugin.model import DatapathInfo, NodeInfo
+from kmesh_plugin.plugins import Plugins
+from kmesh_plugin.sources.base import Batch, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    at: float
+    seconds: float
+    full: bool
+    services: int
+    publish: PublishStats
+    errors: list[str] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        state: ClusterState,
+        plugins: Plugins,
+        settings: StrategySettings,
+        source: Source,
+        datapath: Datapath,
+        cgroup: os.PathLike[str] | str,
+        status: StatusFile | None = None,
+    ) -> None:
+        self.node_name = node_name
+        self.state = state
+        self.plugins = plugins
+        self.planner = Planner(plugins, settings)
+        self.source = source
+        self.datapath = datapath
+        self.cgroup = cgroup
+        self.writer = MapWriter(datapath)
+        self.status = status
+        self.groups_of: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
+        self.synced = False
+        self.revision: str | None = None
+        self.last: ReconcileReport | None = None
+        self.stop_event = threading.Event()
+        self._warned: set[tuple[ServiceKey, str]] = set()
+        self._source_errors: list[str] = []
+        self.started_at = time.time()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        adopted = self.writer.recover()
+        info = DatapathInfo(
+            self.datapath.pins.root, Path(self.cgroup), tuple(PROGRAMS),
+            tuple(self.datapath.events),
+        )
+        self.plugins.notify("kmesh_agent_started", node=self.node_info(), datapath=info)
+        log.info("agent started", extra={"node": self.node_name, "adopted_groups": adopted})
+        self.source.start()
+        self._write_status()
+        try:
+            while not self.stop_event.is_set():
+                batch = self.source.next_batch(timeout=0.2)
+                if batch is not None:
+                    self.handle(batch)
+        finally:
+            self.plugins.notify("kmesh_agent_stopping", node=self.node_info())
+            self.source.close()
+            log.info("agent stopped; the datapath stays attached", extra={"node": self.node_name})
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def node_info(self) -> NodeInfo:
+        return self.planner.client(self.state)
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    def handle(self, batch: Batch) -> ReconcileReport | None:
+        started = time.perf_counter()
+        self._source_errors = batch.errors
+        impact = self.state.apply(batch.events)
+        if not self.synced:
+            if not batch.synced:
+                return None  # keep collecting the initial state
+            self.synced = True
+            impact = Impact(everything=True, relabelled=impact.relabelled)
+        report = None
+        if impact:
+            report = self._full() if impact.everything else self._partial(impact.services)
+            report.seconds = time.perf_counter() - started
+            self.last = report
+            log.info(
+                "reconciled",
+                extra={
+                    "full": report.full, "services": report.services,
+                    "added": report.publish.added, "updated": report.publish.updated,
+                    "removed": report.publish.removed, "unchanged": report.publish.unchanged,
+                    "seconds": round(report.seconds, 6),
+                },
+            )
+        for name, before, after in impact.relabelled:
+            node = self.planner.client(self.state) if name == self.node_name else NodeInfo(
+                name, after, dict(self.state.nodes[name].labels) if name in self.state.nodes
+                else {}
+            )
+            self.plugins.notify(
+                "kmesh_node_locality_changed", node=node, previous=before, current=after,
+                is_local=name == self.node_name,
+            )
+        if batch.revision is not None:
+            self.revision = batch.revision
+        self._write_status()
+        return report
+
+    def _full(self) -> ReconcileReport:
+        report = ReconcileReport(time.time(), 0.0, True, len(self.state.services), PublishStats())
+        planned: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
+        for key in sorted(self.state.services):
+            groups = self._plan(key, report)
+            if groups is None:
+                # Planning failed: keep what the kernel has for this Service.
+                groups = self.groups_of.get(key, {})
+            if groups:
+                planned[key] = groups
+        desired = self._claim_frontends(planned, report)
+        try:
+            report.publish = self.writer.sync(desired)
+        except KmeshError as e:
+            report.errors.append(f"publish failed, maps unchanged: {e}")
+            log.error("publish failed, maps keep their last good state: %s", e)
+            return report
+        self.groups_of = planned
+        return report
+
+    def _partial(self, services: set[ServiceKey]) -> ReconcileReport:
+        report = ReconcileReport(time.time(), 0.0, False, len(services), PublishStats())
+        changes: dict[Frontend, BackendSet | None] = {}
+        planned: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
+        for key in sorted(services):
+            groups = self._plan(key, report)
+            if groups is None:
+                continue
+            planned[key] = groups
+            for frontend in self.groups_of.get(key, {}):
+                if frontend not in groups:
+                    changes[frontend] = None
+        others = {k: v for k, v in self.groups_of.items() if k not in planned}
+        owned = self._claim_frontends({**others, **planned}, report, only=set(planned))
+        changes.update(owned)
+        try:
+            report.publish = self.writer.publish(changes)
+        except KmeshError as e:
+            report.errors.append(f"publish failed, maps unchanged: {e}")
+            log.error("publish failed, maps keep their last good state: %s", e,
+                      extra={"services": sorted(f"{n}/{s}" for n, s in services)})
+            return report
+        for key in services:
+            if key in planned:
+                if planned[key]:
+                    self.groups_of[key] = planned[key]
+                else:
+                    self.groups_of.pop(key, None)
+        return report
+
+    def _plan(self, key: ServiceKey, report: ReconcileReport) -> dict[Frontend, GroupPlan] | None:
+        """The Service's groups by frontend; {} when it has none; None when planning failed."""
+        try:
+            plan = self.planner.plan_service(self.state, key)
+        except Exception as e:  # a plugin's bug must not take the agent down
+            message = f"Service {key[0]}/{key[1]}: planning failed, kept last good state: {e}"
+            report.errors.append(message)
+            log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
+            return None
+        if plan is None:
+            return {}
+        if plan.warning and (key, plan.warning) not in self._warned:
+            self._warned.add((key, plan.warning))
+            log.warning(plan.warning, extra={"service": f"{key[0]}/{key[1]}"})
+        return {g.frontend: g for g in plan.groups}
+
+    def _claim_frontends(
+        self,
+        planned: dict[ServiceKey, dict[Frontend, GroupPlan]],
+        report: ReconcileReport,
+        only: set[ServiceKey] | None = None,
+    ) -> dict[Frontend, BackendSet]:
+        """One frontend, one Service: a ClusterIP:port claimed twice goes to the first (by
+        namespace/name) and the clash is reported with both names."""
+        owner: dict[Frontend, ServiceKey] = {}
+        out: dict[Frontend, BackendSet] = {}
+        for key in sorted(planned):
+            for frontend, group in list(planned[key].items()):
+                if frontend in owner:
+                    other = owner[frontend]
+                    message = (
+                        f"Service {key[0]}/{key[1]}: {frontend} is already used by Service "
+                        f"{other[0]}/{other[1]}; ignoring it here"
+                    )
+                    report.errors.append(message)
+                    log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
+                    del planned[key][frontend]
+                    continue
+                owner[frontend] = key
+                if only is None or key in only:
+                    out[frontend] = group.backends
+        return out
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status_dict(self) -> dict[str, Any]:
+        last = self.last
+        return {
+            "node": self.node_name,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "synced": self.synced,
+            "source_revision": self.revision,
+            "source": {**self.source.describe(), "errors": list(self._source_errors)},
+            "datapath": {
+                "pin_dir": str(self.datapath.pins.root),
+                "cgroup": str(self.cgroup),
+                "programs": list(PROGRAMS),
+                "events": list(self.datapath.events),
+                "groups": len(self.writer.published),
+                "slots": self.writer.slots_in_use(),
+                "capacity": {
+                    "max_services": self.datapath.capacities.max_services,
+                    "max_endpoints": self.datapath.capacities.max_endpoints,
+                },
+            },
+            "plugins": self.plugins.names,
+            "last_reconcile": None if last is None else {
+                "at": last.at,
+                "seconds": last.seconds,
+                "full": last.full,
+                "services": last.services,
+                "added": last.publish.added,
+                "updated": last.publish.updated,
+                "removed": last.publish.removed,
+                "unchanged": last.publish.unchanged,
+                "errors": last.errors,
+            },
+        }
+
+    def _write_status(self) -> None:
+        if self.status is not None:
+            self.status.write(self.status_dict())

@@ -1,0 +1,233 @@
+"""From cluster state to what the datapath should hold: strategies -> tiers -> backend sets.
+
+A Service becomes one *group* per ClusterIP (one per IP family), port and protocol; each group
+is one frontend in the kernel. This module is pure apart from calling the strategy plugins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kmesh_plugin.agent.state import ClusterState, ServiceKey
+from kmesh_plugin.datapath.records import (
+    MAX_TIERS,
+    MODE_FAILOVER,
+    MODE_RANDOM,
+    MODE_STRICT,
+    PROTOCOLS,
+    Backend,
+    BackendSet,
+    Frontend,
+)
+from kmesh_plugin.hookspecs import StrategySettings
+from kmesh_plugin.model import (
+    NO_STRATEGY,
+    Claim,
+    EndpointInfo,
+    Mode,
+    NodeInfo,
+    Service,
+    ServicePort,
+    Strategy,
+    tier,
+)
+from kmesh_plugin.plugins import Plugins
+
+log = logging.getLogger(__name__)
+
+KERNEL_MODE = {Mode.FAILOVER: MODE_FAILOVER, Mode.STRICT: MODE_STRICT, Mode.RANDOM: MODE_RANDOM}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One endpoint of a group and what the plan made of it (for ``explain``)."""
+
+    endpoint: EndpointInfo
+    tier: int | None  # None: not eligible
+    note: str  # why it is (not) eligible
+
+
+@dataclass
+class GroupPlan:
+    service: ServiceKey
+    port: ServicePort
+    family: int
+    frontend: Frontend
+    strategy: Strategy
+    claimed_by: str  # plugin name, "" when no plugin claimed
+    ranked_by: str  # plugin that ranked the endpoints, or "core"
+    backends: BackendSet
+    endpoints: list[Ranked] = field(default_factory=list)
+    other_claims: list[Claim] = field(default_factory=list)
+
+
+@dataclass
+class ServicePlan:
+    groups: list[GroupPlan]
+    strategy: Strategy
+    claimed_by: str
+    warning: str | None = None
+
+
+class Planner:
+    def __init__(self, plugins: Plugins, settings: StrategySettings) -> None:
+        self.plugins = plugins
+        self.settings = settings
+
+    def client(self, state: ClusterState) -> NodeInfo:
+        node = state.nodes.get(state.node_name)
+        return NodeInfo(
+            state.node_name, state.locality(state.node_name), dict(node.labels) if node else {}
+        )
+
+    def plan_service(self, state: ClusterState, key: ServiceKey) -> ServicePlan | None:
+        """The groups of one Service, or None when it is gone or not load-balanced."""
+        service = state.services.get(key)
+        if service is None or not service.load_balanced:
+            return None
+        claims = self.plugins.claims(service, state.namespaces.get(service.namespace),
+                                     self.settings)
+        winner = claims[0] if claims else None
+        strategy = winner.strategy if winner else NO_STRATEGY
+        client = self.client(state)
+        groups = []
+        for cluster_ip in service.cluster_ips:
+            ip = ipaddress.ip_address(cluster_ip)
+            for port in service.ports:
+                endpoints = endpoints_for(state, service, port, ip.version)
+                ranked, ranked_by = self._rank(strategy, client, service, endpoints)
+                backends, rows = backend_set(strategy, ranked, service)
+                groups.append(
+                    GroupPlan(
+                        service=key,
+                        port=port,
+                        family=ip.version,
+                        frontend=Frontend(ip, port.port, PROTOCOLS[port.protocol]),
+                        strategy=strategy,
+                        claimed_by=winner.plugin if winner else "",
+                        ranked_by=ranked_by,
+                        backends=backends,
+                        endpoints=rows,
+                        other_claims=claims[1:],
+                    )
+                )
+        return ServicePlan(groups, strategy, winner.plugin if winner else "",
+                           winner.warning if winner else None)
+
+    def _rank(
+        self, strategy: Strategy, client: NodeInfo, service: Service, endpoints: list[EndpointInfo]
+    ) -> tuple[list[tuple[EndpointInfo, int | None]], str]:
+        if strategy.mode is Mode.RANDOM:
+            return [(e, 0) for e in endpoints], "core"
+        answer = self.plugins.endpoint_tiers(strategy, client, service, endpoints)
+        if answer is not None:
+            tiers, plugin = answer
+            return list(zip(endpoints, tiers, strict=True)), plugin
+        pref = strategy.preference
+        return [(e, tier(client.locality, e.locality, pref)) for e in endpoints], "core"
+
+
+def endpoints_for(
+    state: ClusterState, service: Service, port: ServicePort, family: int
+) -> list[EndpointInfo]:
+    """The endpoints serving ``port`` in one IP family, deduplicated, in a stable order.
+
+    The target port is the slice port with the same name (and protocol) as the Service port.
+    The same address in two slices counts once, keeping its best conditions (ready first).
+    """
+    address_type = f"IPv{family}"
+    best: dict[tuple[str, int], EndpointInfo] = {}
+    for eps in state.slices_for(service.key):
+        if eps.address_type != address_type:
+            continue
+        target = next(
+            (p.port for p in eps.ports if p.name == port.name and p.protocol == port.protocol),
+            None,
+        )
+        if target is None:
+            continue
+        for ep in eps.endpoints:
+            address = str(ipaddress.ip_address(ep.addresses[0]))  # kube-proxy uses the first
+            node = ep.node_name or ""
+            locality = state.locality(node)
+            if node not in state.nodes and ep.zone:
+                # No Node object to read labels from: the slice's zone hint is all we know.
+                locality = state.labels.locality_of(node, {state.labels.zone: ep.zone})
+            info = EndpointInfo(address, target, node, locality, ep.conditions, ep.target)
+            key = (address, target)
+            current = best.get(key)
+            if current is None or _condition_rank(info) < _condition_rank(current):
+                best[key] = info
+    return sorted(best.values(), key=lambda e: (ipaddress.ip_address(e.address), e.port))
+
+
+def _condition_rank(e: EndpointInfo) -> int:
+    if e.conditions.is_ready:
+        return 0
+    return 1 if e.conditions.is_serving_terminating else 2
+
+
+def backend_set(
+    strategy: Strategy, ranked: Iterable[tuple[EndpointInfo, int | None]], service: Service
+) -> tuple[BackendSet, list[Ranked]]:
+    """Apply SPEC.md sections 3 and 5: which endpoints are eligible, in which tier.
+
+    * ready (or unset) endpoints are eligible; ``publishNotReadyAddresses`` makes all eligible;
+    * failover: tiers as ranked; with no ready endpoint at all, the serving+terminating ones,
+      all in one tier (locality ignored, as kube-proxy does);
+    * strict: tier 0 only; no ready one there -> serving+terminating ones of tier 0 -> none;
+    * random: every eligible endpoint in one tier.
+    """
+    ranked = list(ranked)
+    pnr = service.publish_not_ready_addresses
+    notes: dict[int, str] = {}
+    picked: set[int] = set()
+    ready: list[tuple[int, EndpointInfo, int]] = []
+    fallback: list[tuple[int, EndpointInfo, int]] = []
+    for i, (e, t) in enumerate(ranked):
+        if t is None:
+            notes[i] = "excluded by the strategy"
+        elif pnr or e.conditions.is_ready:
+            ready.append((i, e, t))
+        elif e.conditions.is_serving_terminating:
+            fallback.append((i, e, t))
+            notes[i] = "not ready (serving, terminating)"
+        else:
+            notes[i] = "not ready"
+
+    def chosen(items: list[tuple[int, EndpointInfo, int]], note: str) -> list[Backend]:
+        for i, _, _ in items:
+            notes[i] = note
+            picked.add(i)
+        return [Backend(ipaddress.ip_address(e.address), e.port) for _, e, _ in items]
+
+    mode = KERNEL_MODE[strategy.mode]
+    if strategy.mode is Mode.STRICT:
+        tier0 = [x for x in ready if x[2] == 0]
+        for i, _, t in ready:
+            if t != 0:
+                notes[i] = f"tier {t}: strict mode uses tier 0 only"
+        if tier0:
+            tiers = (chosen(tier0, "tier 0"),)
+        else:
+            spare = [x for x in fallback if x[2] == 0]
+            tiers = (chosen(spare, "tier 0 (no ready endpoint: serving+terminating)"),)
+    elif not ready:
+        tiers = (chosen(fallback, "no ready endpoint: serving+terminating, locality ignored"),)
+    elif strategy.mode is Mode.RANDOM:
+        tiers = (chosen(ready, "eligible (no preference)"),)
+    else:
+        count = len(strategy.preference) + 1 if strategy.preference else 0
+        count = min(MAX_TIERS, max(count, max(t for _, _, t in ready) + 1))
+        by_tier: list[list[Backend]] = [[] for _ in range(count)]
+        for i, e, t in ready:
+            notes[i] = f"tier {t}"
+            picked.add(i)
+            by_tier[t].append(Backend(ipaddress.ip_address(e.address), e.port))
+        tiers = tuple(by_tier)
+    backends = BackendSet(mode, tuple(tuple(t) for t in tiers))
+    rows = [Ranked(e, t if i in picked else None, notes[i]) for i, (e, t) in enumerate(ranked)]
+    return backends, rows

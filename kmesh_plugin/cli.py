@@ -1,0 +1,183 @@
+"""The ``kmesh-plugin`` command.
+
+Exit codes: 0 success, 1 failure at run time (kernel, bpftool, source), 2 invalid
+configuration or usage (the message names the file and key), 3 an unmet lab expectation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kmesh_plugin import config as config_mod
+from kmesh_plugin import logs
+from kmesh_plugin.errors import ConfigError, KmeshError
+
+log = logging.getLogger("kmesh_plugin")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"kmesh-plugin: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KmeshError as e:
+        print(f"kmesh-plugin: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kmesh-plugin", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the node agent")
+    run.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate plugin.toml and the enabled plugins")
+    check.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    check.set_defaults(func=cmd_check_config)
+
+    plugins = sub.add_parser("plugins", help="list installed strategy plugins")
+    plugins.set_defaults(func=cmd_plugins)
+
+    dp = sub.add_parser("datapath", help="manage the pinned datapath")
+    dp_sub = dp.add_subparsers(metavar="ACTION")
+    remove = dp_sub.add_parser("remove", help="detach the programs and remove every pin")
+    remove.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    remove.set_defaults(func=cmd_datapath_remove)
+
+    lab = sub.add_parser("lab", help="the multi-node lab on this machine (root)")
+    lab_sub = lab.add_subparsers(metavar="ACTION")
+    seed = lab_sub.add_parser("seed", help="run the seed document's experiment")
+    seed.add_argument("--local", action="store_true",
+                      help="the internalTrafficPolicy: Local variant")
+    seed.set_defaults(func=cmd_lab_seed)
+    lrun = lab_sub.add_parser("run", help="run a scenario file")
+    lrun.add_argument("scenario", type=Path)
+    lrun.set_defaults(func=cmd_lab_run)
+    down = lab_sub.add_parser("down", help="remove everything a crashed lab left behind")
+    down.set_defaults(func=cmd_lab_down)
+    for sp in (seed, lrun):
+        sp.add_argument("--keep-going", action="store_true",
+                        help="run every step even after an unmet expectation")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
+    return p
+
+
+def _load_config(path: Path) -> config_mod.Config:
+    return config_mod.load(path)
+
+
+def _load_plugins(cfg: config_mod.Config):  # noqa: ANN202
+    from kmesh_plugin.plugins import PluginError, Plugins
+
+    try:
+        return Plugins.load(cfg.enabled)
+    except PluginError as e:
+        raise ConfigError(cfg.path, "strategies.enabled", str(e)) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    plugins = _load_plugins(cfg)
+    print(f"{cfg.path}: ok (node {cfg.node_name}, plugins {', '.join(plugins.names) or 'none'})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from kmesh_plugin.plugins import installed_plugins
+
+    for name, ep in sorted(installed_plugins().items()):
+        dist = ep.dist.name if ep.dist else "?"
+        print(f"{name}\t{ep.value}\t({dist})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kmesh_plugin.agent.agent import Agent
+    from kmesh_plugin.agent.state import ClusterState
+    from kmesh_plugin.agent.status import StatusFile
+    from kmesh_plugin.datapath import loader
+    from kmesh_plugin.datapath.bpftool import Bpftool
+    from kmesh_plugin.hookspecs import StrategySettings
+    from kmesh_plugin.sources.manifests import ManifestSource
+
+    # Everything that can be checked is checked before the kernel is touched.
+    cfg = _load_config(args.config)
+    logs.setup(cfg.log_level, cfg.log_format)
+    plugins = _load_plugins(cfg)
+    source = ManifestSource(cfg.source_path)
+
+    datapath = loader.attach(
+        cfg.pin_dir, cfg.cgroup, cfg.capacities, cfg.build_dir,
+        clang=cfg.clang, bpftool=Bpftool(cfg.bpftool),
+    )
+    agent = Agent(
+        node_name=cfg.node_name,
+        state=ClusterState(cfg.locality, cfg.node_name),
+        plugins=plugins,
+        settings=StrategySettings(cfg.prefer_close_scopes),
+        source=source,
+        datapath=datapath,
+        cgroup=cfg.cgroup,
+        status=StatusFile(cfg.status_file),
+    )
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        agent.run()
+    finally:
+        datapath.close()
+    return 0
+
+
+def cmd_datapath_remove(args: argparse.Namespace) -> int:
+    from kmesh_plugin.datapath import loader
+
+    cfg = _load_config(args.config)
+    for line in loader.remove(cfg.pin_dir) or [f"nothing pinned at {cfg.pin_dir}"]:
+        print(line)
+    return 0
+
+
+def cmd_lab_seed(args: argparse.Namespace) -> int:
+    from integration.lab.scenario import run_seed
+
+    return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose)
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from integration.lab.scenario import run_file
+
+    return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose)
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from integration.lab.cluster import teardown_all
+
+    for line in teardown_all() or ["nothing to remove"]:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

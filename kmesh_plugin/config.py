@@ -1,0 +1,230 @@
+"""plugin.toml: parsed with tomllib and validated before anything touches the kernel.
+
+``SCHEMA`` is the single list of keys, types and defaults; the shipped plugin.toml documents the
+same keys (a test keeps the two in step). Any unknown key, wrong type or bad path raises
+``ConfigError`` naming the file and the dotted key; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kmesh_plugin.datapath.build import Capacities
+from kmesh_plugin.datapath.mounts import cgroup2_root, is_cgroup2_dir
+from kmesh_plugin.errors import ConfigError, DatapathError
+from kmesh_plugin.model import LocalityLabels, Scope
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None  # returns a problem, or None
+    item_type: type | None = None  # for lists
+
+
+def _positive(v: int) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _absolute(v: str) -> str | None:
+    return None if v == "" or os.path.isabs(v) else "must be an absolute path"
+
+
+def _scopes(v: list[str]) -> str | None:
+    names = [s.value for s in Scope]
+    bad = [s for s in v if s not in names]
+    if bad:
+        return f"unknown scope(s) {bad}; scopes are {names}"
+    if len(set(v)) != len(v):
+        return "lists a scope twice"
+    if not 1 <= len(v) <= 7:
+        return "needs 1 to 7 scopes"
+    return None
+
+
+def _log_format(v: str) -> str | None:
+    return None if v in ("keyvalue", "json") else "must be \"keyvalue\" or \"json\""
+
+
+def _log_level(v: str) -> str | None:
+    levels = ("debug", "info", "warning", "error")
+    return None if v in levels else f"must be one of {', '.join(levels)}"
+
+
+def _source_kind(v: str) -> str | None:
+    return None if v in ("manifests",) else "must be \"manifests\" (the Kubernetes API source is not built yet)"
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "node": {
+        "name": Key(str, ""),
+    },
+    "datapath": {
+        "cgroup": Key(str, "", _absolute),
+        "pin_dir": Key(str, "/sys/fs/bpf/kmesh-plugin", _absolute),
+        "build_dir": Key(str, "/var/cache/kmesh-plugin", _absolute),
+        "clang": Key(str, "clang"),
+        "bpftool": Key(str, "bpftool"),
+        "max_services": Key(int, 16384, _positive),
+        "max_endpoints": Key(int, 131072, _positive),
+    },
+    "locality": {
+        "network_label": Key(str, "topology.istio.io/network"),
+        "region_label": Key(str, "topology.kubernetes.io/region"),
+        "zone_label": Key(str, "topology.kubernetes.io/zone"),
+        "subzone_labels": Key(
+            list, ["topology.istio.io/subzone", "topology.kubernetes.io/subzone"], item_type=str
+        ),
+        "default_network": Key(str, ""),
+    },
+    "strategies": {
+        "enabled": Key(list, ["local", "prefer_close"], item_type=str),
+        "prefer_close_scopes": Key(
+            list, ["NETWORK", "REGION", "ZONE", "SUBZONE"], _scopes, item_type=str
+        ),
+    },
+    "source": {
+        "kind": Key(str, "manifests", _source_kind),
+        "path": Key(str, "/etc/kmesh-plugin/manifests", _absolute),
+    },
+    "agent": {
+        "status_file": Key(str, "/run/kmesh-plugin/status.json", _absolute),
+        "log_level": Key(str, "info", _log_level),
+        "log_format": Key(str, "keyvalue", _log_format),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node_name: str
+    cgroup: Path
+    pin_dir: Path
+    build_dir: Path
+    clang: str
+    bpftool: str
+    capacities: Capacities
+    locality: LocalityLabels
+    enabled: tuple[str, ...]
+    prefer_close_scopes: tuple[Scope, ...]
+    source_kind: str
+    source_path: Path
+    status_file: Path
+    log_level: str
+    log_format: str
+
+
+def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Read, check and resolve ``path``. ``overrides`` maps dotted keys to values."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"invalid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    values = _validate(path, raw)
+    return _resolve(path, values)
+
+
+def _validate(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    values: dict[str, dict[str, Any]] = {}
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(path, section, f"unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(table, dict):
+            raise ConfigError(path, section, "must be a table ([section])")
+        for key in table:
+            if key not in SCHEMA[section]:
+                known = ", ".join(SCHEMA[section])
+                raise ConfigError(path, f"{section}.{key}", f"unknown key (known: {known})")
+    for section, keys in SCHEMA.items():
+        values[section] = {}
+        for key, spec in keys.items():
+            dotted = f"{section}.{key}"
+            value = raw.get(section, {}).get(key, spec.default)
+            # bool is an int in Python; a TOML `true` is never a valid number here.
+            if isinstance(value, bool) or not isinstance(value, spec.type):
+                raise ConfigError(
+                    path, dotted, f"must be {_type_name(spec)}, got {_toml_repr(value)}"
+                )
+            if spec.item_type is not None and not all(
+                isinstance(item, spec.item_type) for item in value
+            ):
+                raise ConfigError(path, dotted, f"must be {_type_name(spec)}")
+            if spec.check is not None and (problem := spec.check(value)):
+                raise ConfigError(path, dotted, problem)
+            values[section][key] = value
+    return values
+
+
+def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
+    dp = v["datapath"]
+    if dp["cgroup"]:
+        cgroup = Path(dp["cgroup"])
+        if not is_cgroup2_dir(cgroup):
+            raise ConfigError(path, "datapath.cgroup", f"{cgroup} is not a cgroup v2 directory")
+    else:
+        try:
+            cgroup = cgroup2_root()
+        except DatapathError as e:
+            raise ConfigError(path, "datapath.cgroup", f"not set and {e}") from None
+    pin_dir = Path(dp["pin_dir"])
+    if pin_dir.exists() and not pin_dir.is_dir():
+        raise ConfigError(path, "datapath.pin_dir", f"{pin_dir} exists and is not a directory")
+    src = v["source"]
+    source_path = Path(src["path"])
+    if not source_path.is_dir():
+        raise ConfigError(path, "source.path", f"{source_path} is not a directory")
+    loc = v["locality"]
+    strategies = v["strategies"]
+    if len(set(strategies["enabled"])) != len(strategies["enabled"]):
+        raise ConfigError(path, "strategies.enabled", "lists a plugin twice")
+    return Config(
+        path=path,
+        node_name=v["node"]["name"] or socket.gethostname(),
+        cgroup=cgroup,
+        pin_dir=pin_dir,
+        build_dir=Path(dp["build_dir"]),
+        clang=dp["clang"],
+        bpftool=dp["bpftool"],
+        capacities=Capacities(dp["max_services"], dp["max_endpoints"]),
+        locality=LocalityLabels(
+            network=loc["network_label"],
+            region=loc["region_label"],
+            zone=loc["zone_label"],
+            subzone=tuple(loc["subzone_labels"]),
+            default_network=loc["default_network"],
+        ),
+        enabled=tuple(strategies["enabled"]),
+        prefer_close_scopes=tuple(Scope(s) for s in strategies["prefer_close_scopes"]),
+        source_kind=src["kind"],
+        source_path=source_path,
+        status_file=Path(v["agent"]["status_file"]),
+        log_level=v["agent"]["log_level"],
+        log_format=v["agent"]["log_format"],
+    )
+
+
+def _type_name(spec: Key) -> str:
+    if spec.type is list:
+        return f"a list of {spec.item_type.__name__ if spec.item_type else 'values'}"
+    return {str: "a string", int: "an integer"}.get(spec.type, str(spec.type))  # type: ignore[arg-type]
+
+
+def _toml_repr(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{type(value).__name__} {value!r}"

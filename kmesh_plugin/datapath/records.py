@@ -1,0 +1,240 @@
+"""Map record codecs: the Python side of bpf/kmesh_lb.h, declared once.
+
+Each ``Layout`` lists a C struct's fields in order with their struct-module codes; offsets follow
+C's natural alignment, exactly as clang lays the struct out. ``tests/unit/test_records.py``
+compares every layout with the BTF of the compiled object (names, offsets, sizes), so a change on
+one side without the other fails the tests instead of corrupting maps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
+MAX_TIERS = 8
+SETS = 2
+MODE_RANDOM = 0
+MODE_FAILOVER = 1
+MODE_STRICT = 2
+MODE_NAMES = {MODE_RANDOM: "random", MODE_FAILOVER: "failover", MODE_STRICT: "strict"}
+
+# Pinned object names (the program and map names in bpf/kmesh_lb.c).
+MAP_FRONTENDS = "kmesh_frontends"
+MAP_ACTIVE = "kmesh_active"
+MAP_RECORDS = "kmesh_records"
+MAP_SLOTS = "kmesh_slots"
+MAP_STATS = "kmesh_stats"
+PROG_CONNECT4 = "kmesh_connect4"
+PROG_CONNECT6 = "kmesh_connect6"
+
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One C struct member: ``code`` is a struct-module code for one element."""
+
+    name: str
+    code: str
+    count: int = 1  # C array length; 1 for a scalar. "16s" is one 16-byte element.
+    big_endian: bool = False  # __be16 / __be32: stored in network order
+
+    @property
+    def element_size(self) -> int:
+        return struct.calcsize("=" + self.code)
+
+    @property
+    def alignment(self) -> int:
+        # A byte array aligns to 1; scalars align to their own size, as in C.
+        return 1 if self.code.endswith("s") else self.element_size
+
+    @property
+    def size(self) -> int:
+        return self.element_size * self.count
+
+
+class Layout:
+    """A C struct as a sequence of fields, with C's offsets and trailing padding."""
+
+    def __init__(self, c_name: str, fields: list[Field]) -> None:
+        self.c_name = c_name
+        self.fields = fields
+        offset = 0
+        self.offsets: dict[str, int] = {}
+        for field in fields:
+            offset = _align(offset, field.alignment)
+            self.offsets[field.name] = offset
+            offset += field.size
+        self.alignment = max(f.alignment for f in fields)
+        self.size = _align(offset, self.alignment)
+
+    def pack(self, values: dict[str, Any]) -> bytes:
+        buf = bytearray(self.size)
+        for field in self.fields:
+            value = values.get(field.name, 0 if not field.code.endswith("s") else b"")
+            fmt = (">" if field.big_endian else "=") + field.code
+            offset = self.offsets[field.name]
+            if field.count == 1:
+                struct.pack_into(fmt, buf, offset, value)
+            else:
+                items = list(value) + [0] * (field.count - len(value))
+                if len(items) != field.count:
+                    raise ValueError(f"{self.c_name}.{field.name}: at most {field.count} items")
+                for i, item in enumerate(items):
+                    struct.pack_into(fmt, buf, offset + i * field.element_size, item)
+        return bytes(buf)
+
+    def unpack(self, data: bytes) -> dict[str, Any]:
+        if len(data) < self.size:
+            raise ValueError(f"{self.c_name}: need {self.size} bytes, got {len(data)}")
+        out: dict[str, Any] = {}
+        for field in self.fields:
+            fmt = (">" if field.big_endian else "=") + field.code
+            offset = self.offsets[field.name]
+            if field.count == 1:
+                (out[field.name],) = struct.unpack_from(fmt, data, offset)
+            else:
+                out[field.name] = tuple(
+                    struct.unpack_from(fmt, data, offset + i * field.element_size)[0]
+                    for i in range(field.count)
+                )
+        return out
+
+
+def _align(offset: int, alignment: int) -> int:
+    return (offset + alignment - 1) // alignment * alignment
+
+
+FRONTEND_KEY = Layout(
+    "kmesh_frontend_key",
+    [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("protocol", "B"),
+     Field("pad", "B")],
+)
+FRONTEND = Layout("kmesh_frontend", [Field("sid", "I")])
+RECORD = Layout(
+    "kmesh_record",
+    [Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
+     Field("count", "H", count=MAX_TIERS)],
+)
+SLOT_KEY = Layout(
+    "kmesh_slot_key",
+    [Field("sid", "I"), Field("set", "B"), Field("tier", "B"), Field("index", "H")],
+)
+ENDPOINT = Layout(
+    "kmesh_endpoint",
+    [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("pad", "H")],
+)
+STATS_KEY = Layout("kmesh_stats_key", [Field("sid", "I"), Field("tier", "I")])
+STATS = Layout("kmesh_stats", [Field("hits", "Q"), Field("refused", "Q")])
+U32 = struct.Struct("=I")
+
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, RECORD, SLOT_KEY, ENDPOINT, STATS_KEY, STATS)
+
+
+def encode_addr(ip: IPAddress) -> bytes:
+    """16 bytes as the kernel side stores them: IPv4 v4-mapped."""
+    if ip.version == 4:
+        return _V4_MAPPED_PREFIX + ip.packed
+    return ip.packed
+
+
+def decode_addr(raw: bytes) -> IPAddress:
+    if raw[:12] == _V4_MAPPED_PREFIX:
+        return ipaddress.IPv4Address(raw[12:16])
+    return ipaddress.IPv6Address(raw[:16])
+
+
+PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": socket.IPPROTO_SCTP}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """A ClusterIP:port/protocol the datapath translates."""
+
+    ip: IPAddress
+    port: int
+    protocol: int = socket.IPPROTO_TCP
+
+    layout: ClassVar[Layout] = FRONTEND_KEY
+
+    def pack(self) -> bytes:
+        return FRONTEND_KEY.pack(
+            {"addr": encode_addr(self.ip), "port": self.port, "protocol": self.protocol}
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Frontend:
+        v = FRONTEND_KEY.unpack(raw)
+        return cls(decode_addr(v["addr"]), v["port"], v["protocol"])
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}/{PROTOCOL_NAMES.get(self.protocol, self.protocol)}"
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """An endpoint address as a slot stores it: pod IP and target port."""
+
+    ip: IPAddress
+    port: int
+
+    def pack(self) -> bytes:
+        return ENDPOINT.pack({"addr": encode_addr(self.ip), "port": self.port})
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Backend:
+        v = ENDPOINT.unpack(raw)
+        return cls(decode_addr(v["addr"]), v["port"])
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BackendSet:
+    """What one service group's active set holds: its mode and its endpoints tier by tier.
+
+    Tiers keep the strategy's length (trailing empty tiers included), so a set recovered from
+    the maps compares equal to the same set computed again.
+    """
+
+    mode: int
+    tiers: tuple[tuple[Backend, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.tiers) <= MAX_TIERS:
+            raise ValueError(f"a set has 1..{MAX_TIERS} tiers, got {len(self.tiers)}")
+        for tier in self.tiers:
+            if len(tier) > 0xFFFF:
+                raise ValueError(f"a tier holds at most 65535 endpoints, got {len(tier)}")
+
+    @property
+    def size(self) -> int:
+        return sum(len(t) for t in self.tiers)
+
+    def record(self, generation: int) -> bytes:
+        return RECORD.pack(
+            {
+                "generation": generation,
+                "mode": self.mode,
+                "ntiers": len(self.tiers),
+                "count": [len(t) for t in self.tiers],
+            }
+        )
+
+
+def record_index(sid: int, set_: int) -> bytes:
+    return U32.pack(sid * SETS + set_)
+
+
+def slot_key(sid: int, set_: int, tier: int, index: int) -> bytes:
+    return SLOT_KEY.pack({"sid": sid, "set": set_, "tier": tier, "index": index})

@@ -1,0 +1,1 @@
+"""Cluster sources: where the agent learns about Nodes, Services, EndpointSlices, Namespaces."""

@@ -1,0 +1,256 @@
+"""The real datapath in the real kernel: which endpoint answers a connect() to a ClusterIP.
+
+Every test attaches bpf/kmesh_lb.c to a fresh cgroup, runs endpoint servers in a fresh network
+namespace and a client process inside both, and asserts *which* server answered (or which errno
+the connect got). Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from datapath_bed import Bed, answered, ip, tiers
+
+from kmesh_plugin.datapath import records, syscall
+from kmesh_plugin.datapath.bpftool import Bpftool
+from kmesh_plugin.datapath.build import Capacities
+from kmesh_plugin.datapath.records import MODE_FAILOVER, MODE_RANDOM, MODE_STRICT, Frontend
+from kmesh_plugin.datapath.writer import read_table
+from kmesh_plugin.errors import DatapathError
+
+pytestmark = pytest.mark.kernel
+
+VIP = "198.19.0.10"
+VIP6 = "2001:2:0:ff::10"
+URL = f"http://{VIP}:80/hello"
+FRONT = Frontend(ip(VIP), 80, socket.IPPROTO_TCP)
+
+
+@pytest.fixture
+def bed(pin_dir: Path, cgroup: Path, netns: str, build_dir: Path) -> Iterator[Bed]:
+    b = Bed(pin_dir, cgroup, netns, build_dir)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_failover_uses_the_best_non_empty_tier(bed: Bed) -> None:
+    near = bed.server("near", "198.18.0.1", 8080)
+    mid = bed.server("mid", "198.18.0.2", 8080)
+    far = bed.server("far", "198.18.0.3", 8080)
+    client = bed.client()
+
+    bed.publish({FRONT: tiers([near], [mid], [far], mode=MODE_FAILOVER)})
+    assert set(answered(client.get(URL, count=20))) == {"near"}
+
+    bed.publish({FRONT: tiers([], [mid], [far], mode=MODE_FAILOVER)})
+    assert set(answered(client.get(URL, count=20))) == {"mid"}
+
+    bed.publish({FRONT: tiers([], [], [far], mode=MODE_FAILOVER)})
+    assert set(answered(client.get(URL, count=20))) == {"far"}
+
+
+def test_spreads_uniformly_inside_a_tier(bed: Bed) -> None:
+    a = bed.server("a", "198.18.0.1", 8080)
+    b = bed.server("b", "198.18.0.2", 8080)
+    c = bed.server("c", "198.18.0.3", 8080)
+    client = bed.client()
+    bed.publish({FRONT: tiers([a, b, c], mode=MODE_RANDOM)})
+    counts = collections.Counter(answered(client.get(URL, count=300)))
+    assert set(counts) == {"a", "b", "c"}
+    # Uniform: each of 3 gets 100 +- a generous 5 sigma (sigma ~ 8.2).
+    assert all(59 <= n <= 141 for n in counts.values()), counts
+
+
+def test_strict_refuses_at_once_when_tier_0_is_empty(bed: Bed) -> None:
+    other = bed.server("other-node", "198.18.0.2", 8080)
+    client = bed.client()
+    bed.publish({FRONT: tiers([], mode=MODE_STRICT)})
+    results = client.get(URL, count=10)
+    assert [r["errno"] for r in results] == ["ECONNREFUSED"] * 10
+    assert max(r["connect_ms"] for r in results) < 100
+    # Strict never looks past tier 0, even if the core wrote more tiers.
+    bed.publish({FRONT: tiers([], [other], mode=MODE_STRICT)})
+    assert {r["errno"] for r in client.get(URL, count=10)} == {"ECONNREFUSED"}
+
+
+def test_a_frontend_without_endpoints_refuses_and_never_leaks(bed: Bed) -> None:
+    client = bed.client()
+    bed.publish({FRONT: tiers([], [], mode=MODE_FAILOVER)})
+    assert {r["errno"] for r in client.connect(VIP, 80, count=5)} == {"ECONNREFUSED"}
+    # Not a frontend: passes untouched, and the namespace has no route for it.
+    assert {r["errno"] for r in client.connect("198.19.0.99", 80)} == {"ENETUNREACH"}
+    assert {r["errno"] for r in client.connect(VIP, 81)} == {"ENETUNREACH"}
+
+
+def test_connected_udp_is_translated(bed: Bed) -> None:
+    ep = bed.server("udp", "198.18.0.7", 5353)  # a UDP connect needs no listener
+    client = bed.client()
+    front = Frontend(ip(VIP), 53, socket.IPPROTO_UDP)
+    bed.publish({front: tiers([ep], mode=MODE_FAILOVER)})
+    results = client.connect(VIP, 53, proto="udp", count=3)
+    assert [r["peer"] for r in results] == ["198.18.0.7:5353"] * 3
+    # The TCP frontend of the same address and port does not exist: untouched.
+    assert client.connect(VIP, 53, proto="tcp")[0]["errno"] == "ENETUNREACH"
+
+
+def test_ipv6_and_v4_mapped(bed: Bed) -> None:
+    v6 = bed.server("six", "2001:2::1", 8080)
+    v4 = bed.server("four", "198.18.0.4", 8080)
+    client = bed.client()
+    bed.publish({
+        Frontend(ip(VIP6), 80, socket.IPPROTO_TCP): tiers([v6], mode=MODE_FAILOVER),
+        FRONT: tiers([v4], mode=MODE_FAILOVER),
+    })
+    assert set(answered(client.get(f"http://[{VIP6}]:80/hello", count=5))) == {"six"}
+    # An IPv6 socket connecting to the v4-mapped ClusterIP reaches the IPv4 endpoint.
+    mapped = client.connect(f"::ffff:{VIP}", 80, count=3)
+    assert [r["peer"] for r in mapped] == ["[::ffff:198.18.0.4]:8080"] * 3
+
+
+def test_per_cpu_counters_count_hits_per_tier_and_refusals(bed: Bed) -> None:
+    near = bed.server("near", "198.18.0.1", 8080)
+    far = bed.server("far", "198.18.0.3", 8080)
+    client = bed.client()
+    bed.publish({FRONT: tiers([near], [far], mode=MODE_FAILOVER)})
+    client.connect(VIP, 80, count=7)
+    bed.publish({FRONT: tiers([], [far], mode=MODE_FAILOVER)})
+    client.connect(VIP, 80, count=5)
+    bed.publish({FRONT: tiers([], mode=MODE_STRICT)})
+    client.connect(VIP, 80, count=3)
+
+    sid = bed.writer.published[FRONT].sid
+    totals: dict[int, tuple[int, int]] = {}
+    stats = bed.dp[records.MAP_STATS]
+    for key in stats.keys():
+        k = records.STATS_KEY.unpack(key)
+        if k["sid"] != sid:
+            continue
+        per_cpu = [records.STATS.unpack(v) for v in stats.lookup_percpu(key) or []]
+        totals[k["tier"]] = (sum(v["hits"] for v in per_cpu), sum(v["refused"] for v in per_cpu))
+    assert totals == {0: (7, 3), 1: (5, 0)}
+
+
+def test_update_returns_only_after_the_new_set_is_live(bed: Bed) -> None:
+    """After publish() returns, the next connect must see the new set: alternate 100 times."""
+    one = bed.server("one", "198.18.0.1", 8080)
+    two = bed.server("two", "198.18.0.2", 8080)
+    client = bed.client()
+    for i in range(100):
+        want, ep = ("one", one) if i % 2 == 0 else ("two", two)
+        bed.publish({FRONT: tiers([ep], mode=MODE_FAILOVER)})
+        assert client.connect(VIP, 80)[0]["peer"] == f"{ep.ip}:8080", f"round {i}: {want}"
+
+
+def test_connects_racing_updates_never_see_a_hole(bed: Bed) -> None:
+    """A client connects in a tight loop while sets flip between shapes: no failure at all,
+    and only endpoints of the set current at some point answer."""
+    eps = [bed.server(f"e{i}", f"198.18.0.{i}", 8080) for i in range(1, 6)]
+    client = bed.client()
+    shapes = [
+        tiers(eps[0:1], eps[1:3], mode=MODE_FAILOVER),
+        tiers([], eps[2:5], mode=MODE_FAILOVER),
+        tiers(eps[3:5], mode=MODE_RANDOM),
+        tiers(eps[0:5], mode=MODE_FAILOVER),
+    ]
+    bed.publish({FRONT: shapes[0]})
+    client.send({"op": "connect", "host": VIP, "port": 80, "count": 3000, "timeout": 2.0})
+    flips = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and flips < 400:
+        bed.publish({FRONT: shapes[flips % len(shapes)]})
+        flips += 1
+    reply = client.receive()
+    errors = collections.Counter(r["errno"] for r in reply["results"] if not r["ok"])
+    assert not errors, errors
+    allowed = {f"{e.ip}:8080" for e in eps}
+    assert {r["peer"] for r in reply["results"]} <= allowed
+    assert flips >= 50
+
+
+def test_reload_swaps_programs_in_place_and_keeps_state(bed: Bed) -> None:
+    ep = bed.server("kept", "198.18.0.1", 8080)
+    client = bed.client()
+    bed.publish({FRONT: tiers([ep], mode=MODE_FAILOVER)})
+    tool = Bpftool()
+    links_before = {n: tool.link_show(bed.dp.pins.link(n)) for n in ("kmesh_connect4",)}
+    table_before = read_table(bed.dp)
+
+    client.send({"op": "connect", "host": VIP, "port": 80, "count": 2000, "timeout": 2.0})
+    bed.reattach()
+    reply = client.receive()
+
+    assert all(r["ok"] for r in reply["results"]), [r for r in reply["results"] if not r["ok"]][:3]
+    links_after = {n: tool.link_show(bed.dp.pins.link(n)) for n in ("kmesh_connect4",)}
+    assert links_after["kmesh_connect4"]["id"] == links_before["kmesh_connect4"]["id"]
+    assert links_after["kmesh_connect4"]["prog_id"] != links_before["kmesh_connect4"]["prog_id"]
+    assert read_table(bed.dp) == table_before
+    assert any("BPF_LINK_UPDATE" in e for e in bed.dp.events)
+
+
+def test_capacity_errors_change_nothing(bed: Bed) -> None:
+    ep = bed.server("x", "198.18.0.1", 8080)
+    bed.publish({FRONT: tiers([ep], mode=MODE_FAILOVER)})
+    before = read_table(bed.dp)
+    huge = tiers([records.Backend(ip(f"198.18.{i // 250}.{i % 250 + 1}"), 80)
+                  for i in range(bed.capacities.max_endpoints)], mode=MODE_FAILOVER)
+    with pytest.raises(DatapathError, match="max_endpoints"):
+        bed.publish({FRONT: huge})
+    assert read_table(bed.dp) == before
+    assert bed.dp[records.MAP_SLOTS].keys() is not None
+    assert sum(1 for _ in bed.dp[records.MAP_SLOTS].keys()) == 1
+
+
+def test_maps_decode_as_bpftool_formats_them(bed: Bed) -> None:
+    """The Python codecs agree with the kernel's BTF view of the same entries."""
+    ep = bed.server("x", "198.18.0.9", 8080)
+    bed.publish({FRONT: tiers([ep], [], mode=MODE_FAILOVER)})
+    bed.writer.settle()
+    tool = Bpftool()
+    frontends = tool.map_dump(bed.dp.pins.map(records.MAP_FRONTENDS))
+    assert len(frontends) == 1
+    key = frontends[0]["formatted"]["key"]
+    assert bytes(int(b, 0) if isinstance(b, str) else b for b in key["addr"]) == (
+        records.encode_addr(ip(VIP))
+    )
+    assert socket.ntohs(key["port"]) == 80 and key["protocol"] == socket.IPPROTO_TCP
+    sid = frontends[0]["formatted"]["value"]["sid"]
+    slots = tool.map_dump(bed.dp.pins.map(records.MAP_SLOTS))
+    assert [s["formatted"]["key"]["sid"] for s in slots] == [sid]
+    value = slots[0]["formatted"]["value"]
+    assert socket.ntohs(value["port"]) == 8080
+    assert bytes(int(b, 0) if isinstance(b, str) else b for b in value["addr"])[12:] == (
+        ip("198.18.0.9").packed
+    )
+    rec = [r for r in tool.map_dump(bed.dp.pins.map(records.MAP_RECORDS))
+           if r["formatted"]["value"]["ntiers"]]
+    assert [(r["formatted"]["value"]["mode"], r["formatted"]["value"]["count"][:2]) for r in rec] \
+        == [(MODE_FAILOVER, [1, 0])]
+
+
+def test_pinned_maps_of_other_capacities_are_refused(
+    pin_dir: Path, cgroup: Path, build_dir: Path
+) -> None:
+    from kmesh_plugin.datapath import loader
+
+    dp = loader.attach(pin_dir, cgroup, Capacities(64, 1024), build_dir)
+    dp.close()
+    with pytest.raises(DatapathError, match="max_entries"):
+        loader.attach(pin_dir, cgroup, Capacities(64, 2048), build_dir)
+    # The running datapath is untouched by the refused attach.
+    links = list((pin_dir / "links").iterdir())
+    assert len(links) == 2
+    for link in links:
+        fd = syscall.obj_get(link)
+        try:
+            assert syscall.link_info(fd).cgroup_id == cgroup.stat().st_ino
+        finally:
+            import os
+
+            os.close(fd)
