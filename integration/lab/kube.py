@@ -1,0 +1,295 @@
+"""The Kubernetes side of the lab, without any I/O: what the API server, the scheduler and the
+EndpointSlice controller would make of the objects a scenario applies.
+
+The lab keeps the objects as plain dicts shaped like the API server's, so what the agents read
+from the manifest directory is what they would read from a real cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kmesh_plugin.errors import KmeshError
+
+SERVICE_CIDR = ipaddress.ip_network("198.19.0.0/16")  # benchmarking range, never routed
+FIRST_CLUSTER_IP = 10
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+CLUSTER_DOMAIN = "cluster.local"
+
+HELLOWORLD_IMAGE = "docker.io/istio/examples-helloworld-v1"
+CURL_IMAGE = "curlimages/curl"
+SUPPORTED_KINDS = ("Namespace", "Service", "Deployment", "Pod", "EndpointSlice")
+
+
+class LabError(KmeshError):
+    """The lab cannot do what was asked; the message names the object."""
+
+
+def image_kind(image: str, where: str) -> str:
+    """'helloworld' or 'curl' for the images the lab can run; anything else is an error."""
+    name = image.split("@", 1)[0]  # drop a digest
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name[: name.rfind(":")]  # drop a tag (a ':' before the last '/' is a port)
+    repo = name.removeprefix("docker.io/")
+    if repo in ("istio/examples-helloworld-v1", "istio/examples-helloworld-v2"):
+        return "helloworld"
+    if repo == "curlimages/curl":
+        return "curl"
+    raise LabError(
+        f"{where}: image {image!r} cannot run in the lab; it runs {HELLOWORLD_IMAGE} "
+        f"(a built-in server answering GET /hello) and {CURL_IMAGE} (a client)"
+    )
+
+
+def object_ref(obj: Mapping[str, Any], namespace: str | None) -> tuple[str, str, str]:
+    kind = obj.get("kind")
+    meta = obj.get("metadata")
+    if not isinstance(kind, str) or not isinstance(meta, Mapping) or not meta.get("name"):
+        raise LabError(f"an object needs kind and metadata.name, got {dict(obj)!r:.200}")
+    if kind not in SUPPORTED_KINDS:
+        raise LabError(
+            f"{kind} {meta['name']}: the lab does not handle this kind "
+            f"(it handles {', '.join(SUPPORTED_KINDS)})"
+        )
+    ns = "" if kind == "Namespace" else str(meta.get("namespace") or namespace or "default")
+    return kind, ns, str(meta["name"])
+
+
+@dataclass
+class Container:
+    name: str
+    kind: str  # helloworld | curl
+    env: dict[str, str]
+    ports: list[dict[str, Any]]  # containerPort, name, protocol
+
+
+@dataclass
+class PodSpec:
+    """A pod to start: what a Deployment's template or a bare Pod asks for."""
+
+    namespace: str
+    name: str
+    owner: str | None  # Deployment name
+    labels: dict[str, str]
+    node_selector: dict[str, str]
+    containers: list[Container]
+
+
+def pod_specs(obj: Mapping[str, Any], namespace: str) -> list[PodSpec]:
+    """The pods a Deployment (replicas, template) or a Pod stands for, with their names."""
+    kind, _, name = object_ref(obj, namespace)
+    where = f"{kind} {namespace}/{name}"
+    if kind == "Pod":
+        return [_pod_spec(obj, namespace, name, None, where)]
+    spec = obj.get("spec") or {}
+    template = spec.get("template") or {}
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 0:
+        raise LabError(f"{where}: spec.replicas must be a non-negative integer")
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        raise LabError(f"{where}: spec.selector.matchLabels must match the template's labels")
+    template_hash = hashlib.sha256(repr(sorted(template.items())).encode()).hexdigest()[:10]
+    pods = []
+    for _ in range(replicas):
+        # kube names replicas <deployment>-<template hash>-<5 random>
+        pod_name = f"{name}-{template_hash}-{secrets.token_hex(3)[:5]}"
+        pods.append(_pod_spec(template, namespace, pod_name, name, where))
+    return pods
+
+
+def _pod_spec(
+    obj: Mapping[str, Any], namespace: str, name: str, owner: str | None, where: str
+) -> PodSpec:
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    containers = []
+    for i, c in enumerate(spec.get("containers") or []):
+        cwhere = f"{where}: containers[{i}]"
+        if not isinstance(c, Mapping) or not c.get("image"):
+            raise LabError(f"{cwhere}: needs an image")
+        env = {}
+        for e in c.get("env") or []:
+            if isinstance(e, Mapping) and "name" in e:
+                env[str(e["name"])] = str(e.get("value", ""))
+        ports = [dict(p) for p in c.get("ports") or [] if isinstance(p, Mapping)]
+        containers.append(Container(str(c.get("name", f"c{i}")), image_kind(c["image"], cwhere),
+                                    env, ports))
+    if not containers:
+        raise LabError(f"{where}: the pod has no containers")
+    return PodSpec(
+        namespace=namespace,
+        name=name,
+        owner=owner,
+        labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+        node_selector={str(k): str(v) for k, v in (spec.get("nodeSelector") or {}).items()},
+        containers=containers,
+    )
+
+
+def schedule(pod: PodSpec, nodes: Mapping[str, Mapping[str, str]], load: Mapping[str, int]) -> str:
+    """The node for ``pod``: nodeSelector must match the node's labels; least loaded first."""
+    fitting = [
+        n for n, labels in nodes.items()
+        if all(labels.get(k) == v for k, v in pod.node_selector.items())
+    ]
+    if not fitting:
+        raise LabError(
+            f"Pod {pod.namespace}/{pod.name}: no node matches nodeSelector {pod.node_selector} "
+            f"(nodes: {', '.join(nodes)})"
+        )
+    return min(fitting, key=lambda n: (load.get(n, 0), list(nodes).index(n)))
+
+
+@dataclass
+class RunningPod:
+    spec: PodSpec
+    node: str
+    ip: str
+    ready: bool = False
+    terminating: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # process handles, netns, ...
+
+    def container_port(self, name: str) -> int | None:
+        for c in self.spec.containers:
+            for p in c.ports:
+                if p.get("name") == name:
+                    return int(p["containerPort"])
+        return None
+
+
+class ClusterIPs:
+    """Allocates ClusterIPs from 198.19.0.0/16; refuses any other address (network rules)."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, tuple[str, str]] = {}
+        self._next = FIRST_CLUSTER_IP
+
+    def assign(self, service: dict[str, Any], key: tuple[str, str]) -> None:
+        spec = service.setdefault("spec", {})
+        where = f"Service {key[0]}/{key[1]}"
+        if spec.get("type") == "ExternalName":
+            return
+        wanted = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+        if wanted == ["None"]:
+            spec["clusterIP"], spec["clusterIPs"] = "None", ["None"]
+            return
+        previous = [ip for ip, owner in self.used.items() if owner == key]
+        if not wanted:
+            wanted = previous or [self._allocate()]
+        for ip in wanted:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                raise LabError(f"{where}: spec.clusterIP {ip!r} is not an IP address") from None
+            if addr not in SERVICE_CIDR:
+                raise LabError(
+                    f"{where}: spec.clusterIP {ip} is outside the lab's service range "
+                    f"{SERVICE_CIDR} (the lab only uses benchmarking addresses)"
+                )
+            owner = self.used.get(str(addr))
+            if owner is not None and owner != key:
+                raise LabError(f"{where}: clusterIP {ip} is taken by Service {owner[0]}/{owner[1]}")
+        for ip in previous:
+            if ip not in wanted:
+                del self.used[ip]
+        for ip in wanted:
+            self.used[str(ipaddress.ip_address(ip))] = key
+        spec["clusterIP"], spec["clusterIPs"] = wanted[0], list(wanted)
+        spec["ipFamilies"] = [f"IPv{ipaddress.ip_address(ip).version}" for ip in wanted]
+
+    def release(self, key: tuple[str, str]) -> None:
+        for ip in [ip for ip, owner in self.used.items() if owner == key]:
+            del self.used[ip]
+
+    def _allocate(self) -> str:
+        while True:
+            ip = str(SERVICE_CIDR.network_address + self._next)
+            self._next += 1
+            if ip not in self.used:
+                return ip
+
+
+def endpoint_slices(
+    service: Mapping[str, Any], pods: Iterable[RunningPod], node_zone: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The EndpointSlices the controller would publish for a Service with a selector.
+
+    Pods are grouped by their resolved target ports (a named targetPort can differ per pod);
+    a ready pod is ready+serving, a terminating one is serving+terminating and not ready.
+    """
+    meta = service["metadata"]
+    spec = service.get("spec") or {}
+    selector = spec.get("selector")
+    if not selector:
+        return []  # selectorless: the user supplies EndpointSlices
+    ns, name = meta["namespace"], meta["name"]
+    groups: dict[tuple[tuple[str, int, str], ...], list[RunningPod]] = {}
+    for pod in sorted(pods, key=lambda p: p.spec.name):
+        if pod.spec.namespace != ns or not (pod.ready or pod.terminating):
+            continue
+        if any(pod.spec.labels.get(k) != v for k, v in selector.items()):
+            continue
+        ports = []
+        for sp in spec.get("ports") or []:
+            target = sp.get("targetPort", sp.get("port"))
+            if isinstance(target, str):
+                resolved = pod.container_port(target)
+                if resolved is None:
+                    continue  # this pod does not serve the named port
+                target = resolved
+            ports.append((str(sp.get("name") or ""), int(target), sp.get("protocol", "TCP")))
+        groups.setdefault(tuple(ports), []).append(pod)
+    slices = []
+    for ports, members in sorted(groups.items()):
+        digest = hashlib.sha256(repr(ports).encode()).hexdigest()[:5]
+        slices.append({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{name}-{digest}",
+                "namespace": ns,
+                "labels": {SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: "kmesh-lab"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+            "endpoints": [
+                {
+                    "addresses": [pod.ip],
+                    "conditions": {
+                        "ready": pod.ready and not pod.terminating,
+                        "serving": True,
+                        "terminating": pod.terminating,
+                    },
+                    "nodeName": pod.node,
+                    **({"zone": node_zone[pod.node]} if node_zone.get(pod.node) else {}),
+                    "targetRef": {"kind": "Pod", "namespace": ns, "name": pod.spec.name},
+                }
+                for pod in members
+            ],
+        })
+    return slices
+
+
+def hosts_file(services: Iterable[Mapping[str, Any]]) -> str:
+    """/etc/hosts lines for every Service's ClusterIPs under its cluster DNS name."""
+    lines = ["127.0.0.1 localhost"]
+    for svc in services:
+        meta, spec = svc["metadata"], svc.get("spec") or {}
+        for ip in spec.get("clusterIPs") or []:
+            if ip != "None":
+                lines.append(f"{ip} {meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}")
+    return "\n".join(lines) + "\n"
+
+
+def search_domains(namespace: str) -> str:
+    """A pod's resolv.conf search list: short names resolve in its own namespace first."""
+    return f"{namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"

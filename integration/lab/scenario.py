@@ -1,0 +1,338 @@
+"""Scenario files: `kmesh-plugin lab run FILE.yaml` and `kmesh-plugin lab seed`.
+
+The format (README "Scenario files" documents it for users)::
+
+    nodes:                      # node name -> its labels
+      ambient-worker: {topology.kubernetes.io/region: region, ...}
+    strategies:                 # optional: plugin.toml [strategies] for every agent
+      enabled: [local, prefer_close]
+    plugin_paths: [dir, ...]    # optional: put third-party plugins on the agents' sys.path
+    steps:
+      - apply: |                # manifests, multi-document, as kubectl takes them
+          ...
+        namespace: sample       # optional: for objects that name none
+      - label: {node: N, labels: {key: value-or-null}}
+      - delete: {kind: Deployment, namespace: sample, name: X}
+      - request:
+          from: {namespace: sample, deployment: sleep}
+          url: http://helloworld:5000/hello
+          count: 20             # optional, default 1
+        expect:                 # optional
+          versions: [v1]        # every answer's version is in this set
+          all_seen: true        # every listed version answered at least once
+          min_share: 0.3        # every listed version got at least this share of answers
+          refused: true         # every request refused fast (< 100 ms), none answered
+      - restart_agent: {node: N, signal: KILL}   # kill a node's agent and start it again
+
+Every step may carry ``title``. Each step waits for the agents to converge before the next.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from integration.lab.cluster import Lab
+from integration.lab.kube import LabError
+from kmesh_plugin.errors import KmeshError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_SCENARIO = 2
+EXIT_EXPECTATION = 3
+REFUSED_FAST_MS = 100.0
+STEP_KINDS = ("apply", "label", "delete", "request", "restart_agent")
+
+
+class ScenarioError(KmeshError):
+    """The scenario file is malformed; the message names the file and the key."""
+
+
+class Unmet(KmeshError):
+    """An expectation of a request step did not hold."""
+
+
+@dataclass
+class Step:
+    index: int
+    kind: str
+    body: dict[str, Any]
+    title: str | None = None
+    expect: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Scenario:
+    path: Path
+    nodes: dict[str, dict[str, str | None]]
+    steps: list[Step]
+    strategies: dict[str, Any] = field(default_factory=dict)
+    plugin_paths: list[str] = field(default_factory=list)
+
+
+def load(path: Path) -> Scenario:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    return parse(raw, path)
+
+
+def parse(raw: Any, path: Path) -> Scenario:
+    def fail(key: str, message: str) -> ScenarioError:
+        return ScenarioError(f"{path}: {key}: {message}")
+
+    if not isinstance(raw, dict):
+        raise fail("(top)", "a scenario is a mapping with nodes and steps")
+    unknown = set(raw) - {"nodes", "steps", "strategies", "plugin_paths"}
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown key (known: nodes, steps, strategies, "
+                   "plugin_paths)")
+    nodes = raw.get("nodes")
+    if not isinstance(nodes, dict) or not nodes:
+        raise fail("nodes", "must map node names to their labels")
+    for name, labels in nodes.items():
+        if labels is not None and not isinstance(labels, dict):
+            raise fail(f"nodes.{name}", "labels must be a mapping")
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise fail("steps", "must be a non-empty list")
+    steps = [_parse_step(i, s, fail) for i, s in enumerate(steps_raw)]
+    strategies = raw.get("strategies") or {}
+    if not isinstance(strategies, dict):
+        raise fail("strategies", "must be a mapping of plugin.toml [strategies] keys")
+    plugin_paths = raw.get("plugin_paths") or []
+    if not isinstance(plugin_paths, list) or not all(isinstance(p, str) for p in plugin_paths):
+        raise fail("plugin_paths", "must be a list of directories")
+    resolved = [str((path.parent / p).resolve()) for p in plugin_paths]
+    for p in resolved:
+        if not Path(p).is_dir():
+            raise fail("plugin_paths", f"{p} is not a directory")
+    return Scenario(path, {str(n): dict(v or {}) for n, v in nodes.items()}, steps,
+                    strategies, resolved)
+
+
+def _parse_step(i: int, raw: Any, fail: Callable[[str, str], ScenarioError]) -> Step:
+    where = f"steps[{i}]"
+    if not isinstance(raw, dict):
+        raise fail(where, "must be a mapping")
+    kinds = [k for k in STEP_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise fail(where, f"needs exactly one of {', '.join(STEP_KINDS)}")
+    kind = kinds[0]
+    allowed = {kind, "title", "namespace"} if kind == "apply" else {kind, "title", "expect"}
+    extra = set(raw) - allowed
+    if extra:
+        raise fail(f"{where}.{sorted(extra)[0]}", f"unknown key for a {kind} step")
+    body = raw[kind]
+    if kind == "apply":
+        if not isinstance(body, str):
+            raise fail(f"{where}.apply", "must be YAML text (use `apply: |`)")
+        ns = raw.get("namespace")
+        if ns is not None and not isinstance(ns, str):
+            raise fail(f"{where}.namespace", "must be a string")
+        return Step(i, kind, {"text": body, "namespace": ns}, raw.get("title"))
+    if not isinstance(body, dict):
+        raise fail(f"{where}.{kind}", "must be a mapping")
+    need = {
+        "label": {"node": str, "labels": dict},
+        "delete": {"kind": str, "name": str},
+        "request": {"from": dict, "url": str},
+        "restart_agent": {"node": str},
+    }[kind]
+    for key, typ in need.items():
+        if not isinstance(body.get(key), typ):
+            raise fail(f"{where}.{kind}.{key}", f"is required and must be a {typ.__name__}")
+    if kind == "request":
+        src = body["from"]
+        for key in ("namespace", "deployment"):
+            if not isinstance(src.get(key), str):
+                raise fail(f"{where}.request.from.{key}", "is required and must be a string")
+        count = body.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10000:
+            raise fail(f"{where}.request.count", "must be an integer from 1 to 10000")
+    if kind == "restart_agent" and body.get("signal", "KILL") not in ("KILL", "TERM"):
+        raise fail(f"{where}.restart_agent.signal", "must be KILL or TERM")
+    expect = raw.get("expect") or {}
+    if expect and kind != "request":
+        raise fail(f"{where}.expect", "only request steps have expectations")
+    if not isinstance(expect, dict):
+        raise fail(f"{where}.expect", "must be a mapping")
+    bad = set(expect) - {"versions", "all_seen", "refused", "min_share"}
+    if bad:
+        raise fail(f"{where}.expect.{sorted(bad)[0]}", "unknown expectation")
+    if "versions" in expect and not (
+        isinstance(expect["versions"], list) and all(isinstance(v, str) for v in expect["versions"])
+    ):
+        raise fail(f"{where}.expect.versions", "must be a list of strings")
+    if (expect.get("all_seen") or "min_share" in expect) and "versions" not in expect:
+        raise fail(f"{where}.expect", "all_seen and min_share need versions")
+    if expect.get("refused") and "versions" in expect:
+        raise fail(f"{where}.expect", "refused and versions exclude each other")
+    return Step(i, kind, body, raw.get("title"), expect)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, out: Callable[[str], None] = print) -> None:
+        self.scenario = scenario
+        self.out = out
+        self.unmet: list[str] = []
+
+    def run(self, lab: Lab, keep_going: bool = False) -> None:
+        total = len(self.scenario.steps)
+        for step in self.scenario.steps:
+            header = step.title or describe(step)
+            self.out(f"[{step.index + 1}/{total}] {header}")
+            try:
+                self.run_step(lab, step)
+            except Unmet as e:
+                self.unmet.append(f"step {step.index + 1} ({header}): {e}")
+                self.out(f"  UNMET: {e}")
+                if not keep_going:
+                    raise
+
+    def run_step(self, lab: Lab, step: Step) -> None:
+        b = step.body
+        if step.kind == "apply":
+            for line in lab.apply(b["text"], b["namespace"]):
+                self.out(f"  {line}")
+        elif step.kind == "label":
+            self.out(f"  {lab.label(b['node'], b['labels'])}")
+        elif step.kind == "delete":
+            self.out(f"  {lab.delete(b['kind'], b.get('namespace'), b['name'])}")
+        elif step.kind == "restart_agent":
+            sig = signal.SIGKILL if b.get("signal", "KILL") == "KILL" else signal.SIGTERM
+            lab.restart_agent(b["node"], sig)
+            self.out(f"  agent of {b['node']} restarted after SIG{b.get('signal', 'KILL')}")
+        elif step.kind == "request":
+            src = b["from"]
+            results = lab.request(src["namespace"], src["deployment"], b["url"],
+                                  b.get("count", 1))
+            for line in tally(results):
+                self.out(f"  {line}")
+            check(step.expect, results)
+            if step.expect:
+                self.out("  expectations met")
+
+
+def describe(step: Step) -> str:
+    b = step.body
+    if step.kind == "apply":
+        return "apply" + (f" (namespace {b['namespace']})" if b["namespace"] else "")
+    if step.kind == "label":
+        return f"label node {b['node']} " + " ".join(
+            f"{k}={v}" if v is not None else f"{k}-" for k, v in b["labels"].items())
+    if step.kind == "delete":
+        return f"delete {b['kind']} {b.get('namespace') or 'default'}/{b['name']}"
+    if step.kind == "restart_agent":
+        return f"restart the agent of {b['node']}"
+    src = b["from"]
+    return f"request {b['url']} x{b.get('count', 1)} from {src['namespace']}/{src['deployment']}"
+
+
+def tally(results: list[dict[str, Any]]) -> list[str]:
+    """One line per distinct answer (or error), most frequent first, like the seed's output."""
+    counts: collections.Counter[str] = collections.Counter()
+    for r in results:
+        if r["ok"]:
+            counts[r["body"].strip()] += 1
+        else:
+            counts[f"error: {r['errno'] or r['error']}"] += 1
+    return [f"{n:4d} x {text}" for text, n in counts.most_common()]
+
+
+def check(expect: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    answered = [r for r in results if r["ok"]]
+    failed = [r for r in results if not r["ok"]]
+    if expect.get("refused"):
+        if answered:
+            raise Unmet(f"{len(answered)} of {len(results)} requests were answered "
+                        f"(by {sorted({r['version'] for r in answered})}), expected refusals")
+        slow = [r for r in failed if r["errno"] != "ECONNREFUSED"
+                or (r["connect_ms"] or 0) >= REFUSED_FAST_MS]
+        if slow:
+            r = slow[0]
+            raise Unmet(f"{len(slow)} requests were not refused fast: e.g. {r['errno']} after "
+                        f"{r['connect_ms']:.1f} ms")
+        return
+    if "versions" not in expect:
+        return
+    allowed = set(expect["versions"])
+    if failed:
+        errors = collections.Counter(r["errno"] or r["error"] for r in failed)
+        raise Unmet(f"{len(failed)} of {len(results)} requests failed: {dict(errors)}")
+    seen = collections.Counter(r["version"] for r in answered)
+    stray = {v: n for v, n in seen.items() if v not in allowed}
+    if stray:
+        raise Unmet(f"answers from versions outside {sorted(allowed)}: {stray}")
+    if expect.get("all_seen"):
+        missing = sorted(allowed - set(seen))
+        if missing:
+            raise Unmet(f"versions never answered: {missing} (answers: {dict(seen)})")
+    if "min_share" in expect:
+        floor = float(expect["min_share"]) * len(results)
+        short = {v: seen.get(v, 0) for v in allowed if seen.get(v, 0) < floor}
+        if short:
+            raise Unmet(f"versions below {expect['min_share']:.0%} of the answers: {short} "
+                        f"(answers: {dict(seen)})")
+
+
+def execute(scenario: Scenario, *, keep_going: bool = False, verbose: bool = False,
+            out: Callable[[str], None] = print) -> int:
+    """Run a scenario in a fresh lab; the exit code of `kmesh-plugin lab run`."""
+    runner = Runner(scenario, out)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    lab = None
+    try:
+        lab = Lab(scenario.nodes, strategies=scenario.strategies,
+                  plugin_paths=scenario.plugin_paths, printer=out if verbose else None,
+                  log_level="debug" if verbose else "info")
+        with lab:
+            runner.run(lab, keep_going)
+    except Unmet:
+        pass
+    except (LabError, KmeshError) as e:
+        out(f"lab failed: {e}")
+        return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if runner.unmet:
+        out(f"{len(runner.unmet)} expectation(s) unmet:")
+        for line in runner.unmet:
+            out(f"  {line}")
+        return EXIT_EXPECTATION
+    out(f"scenario {scenario.path.name}: every step passed")
+    return EXIT_OK
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False) -> int:
+    try:
+        scenario = load(path)
+    except ScenarioError as e:
+        print(f"kmesh-plugin: {e}", file=sys.stderr)
+        return EXIT_SCENARIO
+    return execute(scenario, keep_going=keep_going, verbose=verbose)
+
+
+def seed_path(local: bool = False) -> Path:
+    name = "seed-local.yaml" if local else "seed.yaml"
+    return Path(str(resources.files("integration") / "scenarios" / name))
+
+
+def run_seed(*, local: bool = False, keep_going: bool = False, verbose: bool = False) -> int:
+    return run_file(seed_path(local), keep_going=keep_going, verbose=verbose)
