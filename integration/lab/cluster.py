@@ -528,17 +528,25 @@ def teardown(state: Path, record: Mapping[str, Any]) -> list[str]:
 
 
 def _kill_agent(pid: int) -> None:
-    """SIGKILL an agent of ours; never a pid that was reused by something else."""
+    """SIGKILL an agent of ours and wait until it is gone; never a reused pid."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
+        pidfd = os.pidfd_open(pid)  # pins the process: the pid cannot be reused under us
+    except ProcessLookupError:
         return
-    if b"kmesh_plugin.cli" not in cmdline:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    try:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return
+        if b"kmesh_plugin.cli" not in cmdline:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        select.select([pidfd], [], [], 10)  # readable once the process has exited
+    finally:
+        os.close(pidfd)
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+        os.waitpid(pid, os.WNOHANG)
 
 
 def teardown_all() -> list[str]:
