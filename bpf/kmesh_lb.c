@@ -6,7 +6,8 @@
  * Per connect: frontend lookup -> active set -> record -> first non-empty tier (tier 0 only in
  * strict mode) -> uniform random slot in that tier -> rewrite address and port. A frontend with
  * no eligible endpoint refuses the connect with ECONNREFUSED; it never falls through to the
- * ClusterIP. Destinations that are no frontend pass untouched.
+ * ClusterIP, and neither does a ClusterIP on a port it does not serve. Every other destination
+ * passes untouched.
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -19,7 +20,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Verdicts of kmesh_pick(). */
 #define KMESH_PASS 0    /* not a frontend: leave the connect alone */
 #define KMESH_REWRITE 1 /* endpoint chosen: rewrite the destination */
-#define KMESH_REFUSE 2  /* frontend without an eligible endpoint */
+#define KMESH_REFUSE 2  /* a ClusterIP without an eligible endpoint */
 
 /* Return values of a cgroup sock_addr program. */
 #define SOCK_ADDR_ALLOW 1
@@ -31,6 +32,13 @@ struct {
 	__type(key, struct kmesh_frontend_key);
 	__type(value, struct kmesh_frontend);
 } kmesh_frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_SERVICES);
+	__type(key, struct kmesh_vip);
+	__type(value, __u8);
+} kmesh_vips SEC(".maps");
 
 /* The active set (0 or 1) of each service group. An array, so a flip is an in-place store of
  * a value whose only changing byte is the lowest: a reader sees either the old or the new set,
@@ -98,8 +106,13 @@ static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 	__u32 sid, set, index, ntiers, tier;
 
 	frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
-	if (!frontend)
+	if (!frontend) {
+		/* A ClusterIP on a port/protocol it does not serve: refuse (no sid to count on).
+		 * The address part of the key is a struct kmesh_vip. */
+		if (bpf_map_lookup_elem(&kmesh_vips, key->addr))
+			return KMESH_REFUSE;
 		return KMESH_PASS;
+	}
 	sid = frontend->sid;
 
 	active = bpf_map_lookup_elem(&kmesh_active, &sid);

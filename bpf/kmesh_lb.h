@@ -51,6 +51,12 @@ struct kmesh_frontend {
 	__u32 sid;
 };
 
+/* kmesh_vips: every ClusterIP (v4-mapped like the frontend key). A connect to a ClusterIP on a
+ * port or protocol that is no frontend is refused instead of leaving the node untranslated. */
+struct kmesh_vip {
+	__u8 addr[16];
+};
+
 /* kmesh_records[sid * KMESH_SETS + set]: what one set of a service group holds. */
 struct kmesh_record {
 	__u32 generation; /* bumped by every publish; for operators and tests */

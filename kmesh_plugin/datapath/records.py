@@ -26,6 +26,7 @@ MODE_NAMES = {MODE_RANDOM: "random", MODE_FAILOVER: "failover", MODE_STRICT: "st
 
 # Pinned object names (the program and map names in bpf/kmesh_lb.c).
 MAP_FRONTENDS = "kmesh_frontends"
+MAP_VIPS = "kmesh_vips"
 MAP_ACTIVE = "kmesh_active"
 MAP_RECORDS = "kmesh_records"
 MAP_SLOTS = "kmesh_slots"
@@ -117,6 +118,7 @@ FRONTEND_KEY = Layout(
      Field("pad", "B")],
 )
 FRONTEND = Layout("kmesh_frontend", [Field("sid", "I")])
+VIP = Layout("kmesh_vip", [Field("addr", "16s")])
 RECORD = Layout(
     "kmesh_record",
     [Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
@@ -134,7 +136,7 @@ STATS_KEY = Layout("kmesh_stats_key", [Field("sid", "I"), Field("tier", "I")])
 STATS = Layout("kmesh_stats", [Field("hits", "Q"), Field("refused", "Q")])
 U32 = struct.Struct("=I")
 
-ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, RECORD, SLOT_KEY, ENDPOINT, STATS_KEY, STATS)
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS_KEY, STATS)
 
 
 def encode_addr(ip: IPAddress) -> bytes:
@@ -142,6 +144,10 @@ def encode_addr(ip: IPAddress) -> bytes:
     if ip.version == 4:
         return _V4_MAPPED_PREFIX + ip.packed
     return ip.packed
+
+
+def vip_key(ip: IPAddress) -> bytes:
+    return VIP.pack({"addr": encode_addr(ip)})
 
 
 def decode_addr(raw: bytes) -> IPAddress:

@@ -115,6 +115,7 @@ class MapWriter:
         self._seq = 0
         self._retired: list[_Retired] = []
         self._busy: dict[tuple[int, int], int] = {}  # (sid, set) retired -> its seq
+        self.vips: set[records.IPAddress] = set()
 
     def close(self) -> None:
         self.grace.close()
@@ -127,6 +128,10 @@ class MapWriter:
         Returns the number of groups adopted.
         """
         self.published = read_table(self.dp)
+        self.vips = {
+            records.decode_addr(k) for k in self.dp[records.MAP_VIPS].keys()
+        }
+        self._sync_vips()
         live = {(p.sid, p.set) for p in self.published.values()}
         used = {p.sid for p in self.published.values()}
         self._next_sid = max(used, default=-1) + 1
@@ -236,6 +241,8 @@ class MapWriter:
             self.published[frontend] = Published(sid, set_, gen, backends)
         for frontend in removes:
             del self.published[frontend]
+        # ClusterIPs follow their frontends: added after them, removed after the last one.
+        stats.syscalls += self._sync_vips()
         self.grace.request(self._seq)
         stats.added, stats.updated, stats.removed = len(adds), len(updates), len(removes)
         stats.seconds = time.perf_counter() - started
@@ -297,6 +304,21 @@ class MapWriter:
             )
         if len(self._free_sids) < len(adds) and self._next_sid + len(adds) > caps.max_services:
             self.settle()  # removed groups' sids come back once reclaimed
+
+    def _sync_vips(self) -> int:
+        """Make kmesh_vips hold the ClusterIPs of the published frontends; returns syscalls."""
+        want = {f.ip for f in self.published}
+        add = [records.vip_key(ip) for ip in want - self.vips]
+        drop = [records.vip_key(ip) for ip in self.vips - want]
+        calls = 0
+        if add:
+            self.dp[records.MAP_VIPS].update_batch([(key, b"\1") for key in add])
+            calls += 1
+        if drop:
+            self._delete_keys(records.MAP_VIPS, drop)
+            calls += 1
+        self.vips = want
+        return calls
 
     def _retire(self, old: Published, frees_sid: bool) -> None:
         keys = self._set_keys(old)

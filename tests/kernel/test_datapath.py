@@ -86,7 +86,9 @@ def test_a_frontend_without_endpoints_refuses_and_never_leaks(bed: Bed) -> None:
     assert {r["errno"] for r in client.connect(VIP, 80, count=5)} == {"ECONNREFUSED"}
     # Not a frontend: passes untouched, and the namespace has no route for it.
     assert {r["errno"] for r in client.connect("198.19.0.99", 80)} == {"ENETUNREACH"}
-    assert {r["errno"] for r in client.connect(VIP, 81)} == {"ENETUNREACH"}
+    # A ClusterIP on a port it does not serve is refused too: it must not leave untranslated.
+    assert {r["errno"] for r in client.connect(VIP, 81)} == {"ECONNREFUSED"}
+    assert {r["errno"] for r in client.connect(VIP, 80, proto="udp")} == {"ECONNREFUSED"}
 
 
 def test_connected_udp_is_translated(bed: Bed) -> None:
@@ -96,8 +98,11 @@ def test_connected_udp_is_translated(bed: Bed) -> None:
     bed.publish({front: tiers([ep], mode=MODE_FAILOVER)})
     results = client.connect(VIP, 53, proto="udp", count=3)
     assert [r["peer"] for r in results] == ["198.18.0.7:5353"] * 3
-    # The TCP frontend of the same address and port does not exist: untouched.
-    assert client.connect(VIP, 53, proto="tcp")[0]["errno"] == "ENETUNREACH"
+    # No TCP frontend on that ClusterIP and port: refused, not leaked.
+    assert client.connect(VIP, 53, proto="tcp")[0]["errno"] == "ECONNREFUSED"
+    # Once the Service is gone, its address is nobody's: untouched again.
+    bed.publish({front: None})
+    assert client.connect(VIP, 53, proto="udp")[0]["errno"] == "ENETUNREACH"
 
 
 def test_ipv6_and_v4_mapped(bed: Bed) -> None:
