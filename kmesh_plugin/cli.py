@@ -16,6 +16,7 @@ from pathlib import Path
 from kmesh_plugin import config as config_mod
 from kmesh_plugin import logs
 from kmesh_plugin.errors import ConfigError, KmeshError
+from kmesh_plugin.plugins import PluginError, Plugins
 
 log = logging.getLogger("kmesh_plugin")
 
@@ -82,9 +83,7 @@ def _load_config(path: Path) -> config_mod.Config:
     return config_mod.load(path)
 
 
-def _load_plugins(cfg: config_mod.Config):  # noqa: ANN202
-    from kmesh_plugin.plugins import PluginError, Plugins
-
+def _load_plugins(cfg: config_mod.Config) -> Plugins:
     try:
         return Plugins.load(cfg.enabled)
     except PluginError as e:

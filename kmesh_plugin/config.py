@@ -59,7 +59,9 @@ def _log_level(v: str) -> str | None:
 
 
 def _source_kind(v: str) -> str | None:
-    return None if v in ("manifests",) else "must be \"manifests\" (the Kubernetes API source is not built yet)"
+    if v == "manifests":
+        return None
+    return 'must be "manifests" (the Kubernetes API source is not built yet)'
 
 
 SCHEMA: dict[str, dict[str, Key]] = {

@@ -478,7 +478,9 @@ class Lab:
                 return pod
         raise LabError(f"no running curl pod of Deployment {namespace}/{deployment}")
 
-    def call(self, pod: RunningPod, command: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    def call(
+        self, pod: RunningPod, command: dict[str, Any], timeout: float = 600
+    ) -> dict[str, Any]:
         """Send one JSON command to a curl pod's client and return its reply."""
         for c, proc, reader in pod.extra["procs"]:
             if c.kind == "curl":

@@ -133,6 +133,10 @@ def versions(lab: Lab, count: int = 30) -> collections.Counter[str | None]:
     return collections.Counter(r["version"] if r["ok"] else r["errno"] for r in results)
 
 
+def two_remote_instances() -> str:
+    return helloworld("two", "ambient-worker2") + "---\n" + helloworld("three", "ambient-worker3")
+
+
 def three_instances(lab: Lab, svc: str) -> None:
     lab.apply(svc, "sample")
     lab.apply("---\n".join(helloworld(v, n) for v, n in (
@@ -178,8 +182,7 @@ def test_service_without_strategy_spreads_over_every_node(lab: Lab) -> None:
 
 def test_relabelling_the_clients_own_node_recomputes(lab: Lab) -> None:
     lab.apply(service(trafficDistribution="PreferClose"), "sample")
-    lab.apply(helloworld("two", "ambient-worker2") + "---\n" + helloworld("three", "ambient-worker3"),
-              "sample")
+    lab.apply(two_remote_instances(), "sample")
     lab.apply(sleep_client(), "sample")
     assert versions(lab) == {"two": 30}  # same zone as the client's node
     lab.label("ambient-worker", {"topology.kubernetes.io/zone": "zone2",
@@ -189,8 +192,7 @@ def test_relabelling_the_clients_own_node_recomputes(lab: Lab) -> None:
 
 def test_switching_a_live_service_from_local_to_prefer_close(lab: Lab) -> None:
     lab.apply(service(internalTrafficPolicy="Local"), "sample")
-    lab.apply(helloworld("two", "ambient-worker2") + "---\n" + helloworld("three", "ambient-worker3"),
-              "sample")
+    lab.apply(two_remote_instances(), "sample")
     lab.apply(sleep_client(), "sample")
     assert versions(lab) == {"ECONNREFUSED": 30}  # nothing on the client's node
     lab.apply(service(trafficDistribution="PreferClose"), "sample")

@@ -127,7 +127,9 @@ def object_key(obj: Mapping[str, Any], where: str = "") -> ObjectKey:
     meta = obj.get("metadata") or {}
     if not isinstance(kind, str) or not isinstance(meta, Mapping) or not meta.get("name"):
         raise ManifestError(f"{where}: an object needs kind and metadata.name")
-    namespace = meta.get("namespace") or ""
+    # A namespaced object without a namespace lives in "default", as kubectl applies it; the
+    # key must say so too, or it disagrees with the parsed object (Service.namespace).
+    namespace = meta.get("namespace") or "default"
     if kind in ("Node", "Namespace"):
         namespace = ""
     return ObjectKey(kind, str(namespace), str(meta["name"]))
@@ -152,26 +154,28 @@ def parse(obj: Mapping[str, Any], where: str = "") -> KubeObject:
 def _service(p: _Parser, key: ObjectKey) -> Service:
     ips = p.str_list("spec.clusterIPs") or ()
     single = p.opt_str("spec.clusterIP")
+    from_list = bool(ips)
     if not ips and single:
         ips = (single,)
     if single and ips and single != ips[0]:
         p.fail("spec.clusterIP", f"{single!r} differs from spec.clusterIPs[0] {ips[0]!r}")
     for i, ip in enumerate(ips):
         if ip != "None":
-            p.check_ip(f"spec.clusterIPs[{i}]", ip)
+            p.check_ip(f"spec.clusterIPs[{i}]" if from_list else "spec.clusterIP", ip)
     ports = []
     for i, raw in enumerate(p.list("spec.ports")):
         where = f"spec.ports[{i}]"
         if not isinstance(raw, Mapping):
             p.fail(where, "must be a mapping")
         port = raw.get("port")
-        if not isinstance(port, int) or not 0 < port < 65536:
+        # bool is an int in Python: YAML `true` is no port.
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             p.fail(f"{where}.port", f"must be a port number, got {port!r}")
         protocol = raw.get("protocol", "TCP")
         if protocol not in ("TCP", "UDP", "SCTP"):
             p.fail(f"{where}.protocol", f"must be TCP, UDP or SCTP, got {protocol!r}")
         target = raw.get("targetPort")
-        if target is not None and not isinstance(target, int | str):
+        if target is not None and (not isinstance(target, int | str) or isinstance(target, bool)):
             p.fail(f"{where}.targetPort", "must be a number or a name")
         ports.append(ServicePort(str(raw.get("name") or ""), port, protocol, target))
     return Service(
@@ -199,7 +203,9 @@ def _endpoint_slice(p: _Parser, key: ObjectKey) -> EndpointSlice:
         if not isinstance(raw, Mapping):
             p.fail(f"ports[{i}]", "must be a mapping")
         port = raw.get("port")
-        if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+        if port is not None and (
+            not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536
+        ):
             p.fail(f"ports[{i}].port", f"must be a port number, got {port!r}")
         ports.append(SlicePort(str(raw.get("name") or ""), port, raw.get("protocol", "TCP")))
     endpoints = []

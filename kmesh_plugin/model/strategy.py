@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from kmesh_plugin.model.locality import Scope
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     FAILOVER = "failover"  # best non-empty tier, uniformly at random inside it
     STRICT = "strict"  # tier 0 only; none eligible -> connect refused
     RANDOM = "random"  # no preference: every eligible endpoint alike

@@ -30,7 +30,7 @@ class EndpointInfo:
     port: int
     node: str
     locality: Locality
-    conditions: Conditions = Conditions()
+    conditions: Conditions = field(default_factory=Conditions)
     target: str | None = None  # the pod's name, when the slice names it
 
 

@@ -16,6 +16,7 @@ agent has applied them (the lab waits on exactly that).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +39,9 @@ SUFFIXES = (".yaml", ".yml", ".json")
 
 @dataclass
 class _File:
-    signature: tuple[int, int, int]  # inode, size, mtime_ns
+    # A digest of the content: inode, size and mtime can all stay the same across an in-place
+    # rewrite (same length, within one timestamp tick), and a missed change is a stale map.
+    signature: bytes
     objects: dict[ObjectKey, KubeObject]
 
 
@@ -64,6 +67,10 @@ class ManifestSource(Source):
     def next_batch(self, timeout: float) -> Batch | None:
         if not self._synced:
             self._synced = True
+            # The full scan covers whatever was written since start(): drop those events, or
+            # the next call wakes at once for changes this scan has already seen.
+            if self._inotify is not None:
+                self._inotify.wait(0)
             return self._scan(synced=True)
         assert self._inotify is not None, "start() first"
         if not self._inotify.wait(timeout):
@@ -90,25 +97,28 @@ class ManifestSource(Source):
         # The revision first: the manifests read after it are at least that new.
         revision = self._read_revision()
         batch = Batch(synced=synced, revision=revision)
-        present = {}
+        present = []
         for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
             if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
                 continue
             if not entry.is_file():
                 continue
-            st = entry.stat()
-            present[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            present.append(entry.name)
         for name in list(self._files):
             if name not in present:
                 del self._files[name]
                 self.errors.pop(name, None)
-        for name, signature in present.items():
+        for name in present:
             known = self._files.get(name)
-            if known is not None and known.signature == signature:
-                continue
+            signature = b""
             try:
-                objects = self._parse_file(self.directory / name)
-            except (ManifestError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
+                data = (self.directory / name).read_bytes()
+                signature = hashlib.sha256(data).digest()
+                if known is not None and known.signature == signature:
+                    continue
+                objects = self._parse_file(self.directory / name, data)
+            except (ManifestError, OSError, UnicodeDecodeError, yaml.YAMLError,
+                    json.JSONDecodeError) as e:
                 message = f"{self.directory / name}: {_describe_error(e)}"
                 if self.errors.get(name) != message:
                     log.error("manifest rejected, keeping its last good content: %s", message,
@@ -128,7 +138,9 @@ class ManifestSource(Source):
         for name in sorted(self._files):
             for key, obj in self._files[name].objects.items():
                 if key in view:
-                    message = f"{key} is defined in both {owner[key]} and {name}; using {owner[key]}"
+                    message = (
+                        f"{key} is defined in both {owner[key]} and {name}; using {owner[key]}"
+                    )
                     batch.errors.append(message)
                     log.warning(message)
                     continue
@@ -148,8 +160,8 @@ class ManifestSource(Source):
         except FileNotFoundError:
             return None
 
-    def _parse_file(self, path: Path) -> dict[ObjectKey, KubeObject]:
-        text = path.read_text(encoding="utf-8")
+    def _parse_file(self, path: Path, data: bytes) -> dict[ObjectKey, KubeObject]:
+        text = data.decode("utf-8")
         docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
         objects: dict[ObjectKey, KubeObject] = {}
         for raw in _flatten(docs, path):

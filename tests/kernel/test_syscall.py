@@ -378,7 +378,7 @@ def test_keys_and_items() -> None:
         # Deleting the current key makes GET_NEXT_KEY restart from the first key: the loop
         # still visits every key and ends.
         seen = []
-        for key in m.keys():  # noqa: SIM118 - Map.keys() is the GET_NEXT_KEY iterator
+        for key in m.keys():
             seen.append(key)
             assert m.delete(key)
         assert sorted(seen) == sorted(keys)
