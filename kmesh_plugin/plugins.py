@@ -44,6 +44,7 @@ class Plugins:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.order: list[str] = []  # registration order: breaks priority ties
+        self._ties_warned: set[tuple[str, str, str, str]] = set()  # warn once per Service
 
     @classmethod
     def load(cls, enabled: Sequence[str]) -> Plugins:
@@ -96,6 +97,18 @@ class Plugins:
             claim = Claim(result.strategy, result.priority, result.warning, impl.plugin_name)
             found.append((-claim.priority, self._rank(impl.plugin_name), claim))
         found.sort(key=lambda t: (t[0], t[1]))
+        if len(found) > 1 and found[0][0] == found[1][0]:
+            first, second = found[0][2], found[1][2]
+            tie = (service.namespace, service.name, first.plugin, second.plugin)
+            if tie in self._ties_warned:
+                return [c for _, _, c in found]
+            self._ties_warned.add(tie)
+            log.warning(
+                "plugins %s and %s both claim Service %s/%s with priority %d; %s, registered "
+                "first, wins", first.plugin, second.plugin, service.namespace, service.name,
+                first.priority, first.plugin,
+                extra={"service": f"{service.namespace}/{service.name}"},
+            )
         return [c for _, _, c in found]
 
     def endpoint_tiers(

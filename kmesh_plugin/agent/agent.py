@@ -72,7 +72,6 @@ class Agent:
         self.last: ReconcileReport | None = None
         self.stop_event = threading.Event()
         self._warned: set[tuple[ServiceKey, str]] = set()
-        self._source_errors: list[str] = []
         self.started_at = time.time()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -107,7 +106,6 @@ class Agent:
 
     def handle(self, batch: Batch) -> ReconcileReport | None:
         started = time.perf_counter()
-        self._source_errors = batch.errors
         impact = self.state.apply(batch.events)
         if not self.synced:
             if not batch.synced:
@@ -245,7 +243,7 @@ class Agent:
             "started_at": self.started_at,
             "synced": self.synced,
             "source_revision": self.revision,
-            "source": {**self.source.describe(), "errors": list(self._source_errors)},
+            "source": self.source.describe(),  # its current problems, not just the last batch's
             "datapath": {
                 "pin_dir": str(self.datapath.pins.root),
                 "cgroup": str(self.cgroup),

@@ -1,0 +1,300 @@
+"""Parsing API-server-shaped objects: what is kept, and errors that name object and field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from kmesh_plugin.errors import ManifestError
+from kmesh_plugin.model import Conditions, EndpointSlice, Namespace, Node, ObjectKey, Service
+from kmesh_plugin.model.objects import SliceEndpoint, SlicePort, object_key, parse
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 5000}]}
+    body.update(spec)
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "helloworld", "namespace": "sample"}, "spec": body}
+
+
+def endpoint_slice(**fields: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "helloworld-abc", "namespace": "sample",
+                     "labels": {"kubernetes.io/service-name": "helloworld"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["198.19.1.1"], "nodeName": "worker1"}],
+    }
+    obj.update(fields)
+    return obj
+
+
+def parse_service(obj: dict[str, Any]) -> Service:
+    result = parse(obj)
+    assert isinstance(result, Service)
+    return result
+
+
+def parse_slice(obj: dict[str, Any]) -> EndpointSlice:
+    result = parse(obj)
+    assert isinstance(result, EndpointSlice)
+    return result
+
+
+# -- what is kept ---------------------------------------------------------------------------
+
+
+def test_node() -> None:
+    obj = {"kind": "Node", "metadata": {"name": "worker1", "namespace": "ignored",
+                                        "labels": {"a": "b", "n": 1, "t": True, "e": None}}}
+    assert object_key(obj) == ObjectKey("Node", "", "worker1")
+    # Non-string label values (YAML's 1, true) become strings, as Kubernetes stores them.
+    assert parse(obj) == Node("worker1", {"a": "b", "n": "1", "t": "True", "e": ""})
+
+
+def test_namespace() -> None:
+    obj = {"kind": "Namespace", "metadata": {"name": "sample", "annotations": {"k": "v"}}}
+    assert object_key(obj) == ObjectKey("Namespace", "", "sample")
+    assert parse(obj) == Namespace("sample", {"k": "v"})
+
+
+def test_service_fields() -> None:
+    svc = parse_service(service(
+        clusterIPs=["198.18.0.10", "fd00::10"],
+        ports=[{"name": "http", "port": 5000, "targetPort": "web"},
+               {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}],
+        internalTrafficPolicy="Local",
+        trafficDistribution="PreferClose",
+        publishNotReadyAddresses=True,
+        selector={"app": "helloworld"},
+    ))
+    assert svc.key == ("sample", "helloworld")
+    assert svc.cluster_ips == ("198.18.0.10", "fd00::10")
+    assert [(p.name, p.port, p.protocol, p.target_port) for p in svc.ports] == [
+        ("http", 5000, "TCP", "web"), ("dns", 53, "UDP", 5353),
+    ]
+    assert svc.type == "ClusterIP"
+    assert svc.internal_traffic_policy == "Local"
+    assert svc.traffic_distribution == "PreferClose"
+    assert svc.publish_not_ready_addresses is True
+    assert svc.selector == {"app": "helloworld"}
+    assert svc.load_balanced
+
+
+def test_service_cluster_ip_alone() -> None:
+    assert parse_service(service()).cluster_ips == ("198.18.0.10",)
+
+
+def test_service_traffic_distribution_kept_raw() -> None:
+    # Kept as given so that a value outside the table can fall through (SPEC.md section 4).
+    assert parse_service(service(trafficDistribution={"preferClose": True})).traffic_distribution \
+        == {"preferClose": True}
+
+
+@pytest.mark.parametrize(
+    ("spec", "load_balanced"),
+    [
+        ({"clusterIP": "None"}, False),
+        ({"clusterIP": "None", "clusterIPs": ["None"]}, False),
+        ({"type": "ExternalName", "externalName": "example.invalid", "clusterIP": None}, False),
+        ({"type": "NodePort"}, True),
+        ({"type": "LoadBalancer"}, True),
+    ],
+)
+def test_load_balanced(spec: dict[str, Any], load_balanced: bool) -> None:
+    obj = service(**spec)
+    if obj["spec"].get("clusterIP") is None:
+        del obj["spec"]["clusterIP"]
+    assert parse_service(obj).load_balanced is load_balanced
+
+
+def test_namespace_defaults_to_default() -> None:
+    svc = service()
+    del svc["metadata"]["namespace"]
+    assert object_key(svc) == ObjectKey("Service", "default", "helloworld")
+    assert parse_service(svc).key == ("default", "helloworld")
+    eps = endpoint_slice()
+    del eps["metadata"]["namespace"]
+    assert object_key(eps) == ObjectKey("EndpointSlice", "default", "helloworld-abc")
+    assert parse_slice(eps).namespace == "default"
+
+
+def test_endpoint_slice_fields() -> None:
+    eps = parse_slice(endpoint_slice(
+        ports=[{"name": "http", "port": 5000}, {"port": None}],
+        endpoints=[
+            {"addresses": ["198.19.1.1", "198.19.1.2"], "nodeName": "worker1", "zone": "zone1",
+             "conditions": {"ready": True, "serving": True, "terminating": False},
+             "targetRef": {"kind": "Pod", "name": "helloworld-1"}},
+            {"addresses": ["198.19.2.1"]},
+        ],
+    ))
+    assert (eps.namespace, eps.name, eps.service_name, eps.address_type) == (
+        "sample", "helloworld-abc", "helloworld", "IPv4"
+    )
+    assert eps.ports == (SlicePort("http", 5000, "TCP"), SlicePort("", None, "TCP"))
+    assert eps.endpoints == (
+        SliceEndpoint(("198.19.1.1", "198.19.1.2"), Conditions(True, True, False), "worker1",
+                      "zone1", "helloworld-1"),
+        SliceEndpoint(("198.19.2.1",)),
+    )
+
+
+def test_endpoint_slice_without_service_label() -> None:
+    obj = endpoint_slice()
+    del obj["metadata"]["labels"]
+    assert parse_slice(obj).service_name == ""
+
+
+def test_fqdn_slice_is_not_ip_checked() -> None:
+    eps = parse_slice(endpoint_slice(addressType="FQDN",
+                                     endpoints=[{"addresses": ["example.invalid"]}]))
+    assert eps.endpoints[0].addresses == ("example.invalid",)
+
+
+# -- conditions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ready", "serving", "terminating", "is_ready", "is_serving_terminating"),
+    [
+        (None, None, None, True, False),  # ready unset means ready
+        (True, None, None, True, False),
+        (False, None, None, False, False),
+        (None, None, True, True, True),  # serving unset follows ready (unset: ready)
+        (True, None, True, True, True),
+        (False, None, True, False, False),  # serving unset follows ready (false)
+        (False, True, True, False, True),
+        (False, False, True, False, False),
+        (False, True, False, False, False),  # serving but not terminating
+        (False, True, None, False, False),  # terminating unset means false
+    ],
+)
+def test_conditions(
+    ready: bool | None, serving: bool | None, terminating: bool | None,
+    is_ready: bool, is_serving_terminating: bool,
+) -> None:
+    cond = Conditions(ready, serving, terminating)
+    assert cond.is_ready is is_ready
+    assert cond.is_serving_terminating is is_serving_terminating
+
+
+def test_conditions_are_parsed() -> None:
+    eps = parse_slice(endpoint_slice(endpoints=[
+        {"addresses": ["198.19.1.1"], "conditions": {"ready": False, "terminating": True}},
+        {"addresses": ["198.19.1.2"], "conditions": {}},
+        {"addresses": ["198.19.1.3"], "conditions": None},
+    ]))
+    assert [e.conditions for e in eps.endpoints] == [
+        Conditions(False, None, True), Conditions(), Conditions(),
+    ]
+    assert [e.conditions.is_ready for e in eps.endpoints] == [False, True, True]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _error(obj: dict[str, Any], where: str = "") -> str:
+    with pytest.raises(ManifestError) as info:
+        parse(obj, where)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"ports": [{"name": "http", "port": "5000"}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": "a", "port": 1}, {"name": "b", "port": 65536}]},
+         "spec.ports[1].port"),
+        ({"ports": [{"name": "http", "port": 0}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": "http", "port": True}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": "http"}]}, "spec.ports[0].port"),
+        ({"ports": [{"port": 80, "protocol": "ICMP"}]}, "spec.ports[0].protocol"),
+        ({"ports": [{"port": 80, "targetPort": [8080]}]}, "spec.ports[0].targetPort"),
+        ({"ports": [{"port": 80, "targetPort": True}]}, "spec.ports[0].targetPort"),
+        ({"ports": ["http"]}, "spec.ports[0]"),
+        ({"ports": {"http": 80}}, "spec.ports"),
+        ({"clusterIP": "198.18.0.300"}, "spec.clusterIP"),
+        ({"clusterIPs": ["198.18.0.10", "fd00::zz"]}, "spec.clusterIPs[1]"),
+        ({"clusterIPs": ["198.18.0.11"]}, "spec.clusterIP"),  # differs from clusterIPs[0]
+        ({"clusterIPs": "198.18.0.10"}, "spec.clusterIPs"),
+        ({"type": 5}, "spec.type"),
+        ({"internalTrafficPolicy": ["Local"]}, "spec.internalTrafficPolicy"),
+        ({"selector": ["app"]}, "spec.selector"),
+    ],
+)
+def test_service_errors_name_object_and_field(spec: dict[str, Any], field: str) -> None:
+    message = _error(service(**spec))
+    assert message.startswith(f"Service sample/helloworld: {field}: "), message
+
+
+def test_service_error_with_file() -> None:
+    message = _error(service(ports=[{"name": "http", "port": "5000"}]), "/m/app.yaml")
+    assert message.startswith("/m/app.yaml: Service sample/helloworld: spec.ports[0].port: ")
+    assert "'5000'" in message
+
+
+def test_spec_that_is_not_a_mapping() -> None:
+    obj = service()
+    obj["spec"] = "oops"
+    assert "Service sample/helloworld: spec.clusterIPs: " in _error(obj)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"addressType": "IPv5"}, "addressType"),
+        ({"addressType": None}, "addressType"),
+        ({"ports": [{"name": "http", "port": -1}]}, "ports[0].port"),
+        ({"ports": [{"name": "http", "port": True}]}, "ports[0].port"),
+        ({"ports": ["http"]}, "ports[0]"),
+        ({"endpoints": [{"addresses": []}]}, "endpoints[0].addresses"),
+        ({"endpoints": [{"addresses": "198.19.1.1"}]}, "endpoints[0].addresses"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"]}, {"addresses": ["fd00::1"]}]},
+         "endpoints[1].addresses[0]"),
+        ({"endpoints": [{"addresses": ["198.19.1.1", "not-an-ip"]}]},
+         "endpoints[0].addresses[1]"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "conditions": {"ready": "true"}}]},
+         "endpoints[0].conditions.ready"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "conditions": {"serving": 1}}]},
+         "endpoints[0].conditions.serving"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "conditions": ["ready"]}]},
+         "endpoints[0].conditions"),
+        ({"endpoints": ["198.19.1.1"]}, "endpoints[0]"),
+    ],
+)
+def test_endpoint_slice_errors_name_object_and_field(fields: dict[str, Any], field: str) -> None:
+    message = _error(endpoint_slice(**fields))
+    assert message.startswith(f"EndpointSlice sample/helloworld-abc: {field}: "), message
+
+
+def test_ipv6_slice_rejects_ipv4() -> None:
+    message = _error(endpoint_slice(addressType="IPv6"))
+    assert re.search(r"endpoints\[0\]\.addresses\[0\]: 198\.19\.1\.1 is not an IPv6", message)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"metadata": {"name": "x"}},
+        {"kind": "Node"},
+        {"kind": "Node", "metadata": {}},
+        {"kind": "Node", "metadata": []},
+        {"kind": 5, "metadata": {"name": "x"}},
+    ],
+)
+def test_objects_need_kind_and_name(obj: dict[str, Any]) -> None:
+    assert _error(obj, "/m/a.yaml") == "/m/a.yaml: an object needs kind and metadata.name"
+
+
+def test_unknown_kind() -> None:
+    message = _error({"kind": "Pod", "metadata": {"name": "p", "namespace": "sample"}})
+    assert message.startswith("Pod sample/p: kind Pod is not one of")
+
+
+def test_labels_must_be_a_mapping() -> None:
+    message = _error({"kind": "Node", "metadata": {"name": "worker1", "labels": ["a"]}})
+    assert message.startswith("Node worker1: metadata.labels: ")
