@@ -22,6 +22,7 @@ log = logging.getLogger("kmesh_plugin")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KmeshError as e:
         print(f"kmesh-plugin: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM (the lab maps it here); cleanups ran on the way out.
+        print("kmesh-plugin: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:

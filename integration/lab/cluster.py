@@ -471,12 +471,21 @@ class Lab:
 
     # -- traffic ----------------------------------------------------------------------------
 
-    def client_pod(self, namespace: str, deployment: str) -> RunningPod:
-        for pod in sorted(self.pods.values(), key=lambda p: p.spec.name):
-            if pod.spec.namespace == namespace and pod.spec.owner == deployment and pod.ready \
-                    and any(c.kind == "curl" for c, _, _ in pod.extra["procs"]):
-                return pod
-        raise LabError(f"no running curl pod of Deployment {namespace}/{deployment}")
+    def client_pod(self, namespace: str, deployment: str | None = None,
+                   pod: str | None = None) -> RunningPod:
+        """The first running curl pod of a Deployment, or the pod of that name."""
+        for candidate in sorted(self.pods.values(), key=lambda p: p.spec.name):
+            spec = candidate.spec
+            if spec.namespace != namespace or not candidate.ready:
+                continue
+            if (pod is not None and spec.name != pod) or (
+                deployment is not None and spec.owner != deployment
+            ):
+                continue
+            if any(c.kind == "curl" for c, _, _ in candidate.extra["procs"]):
+                return candidate
+        what = f"Deployment {namespace}/{deployment}" if deployment else f"pod {namespace}/{pod}"
+        raise LabError(f"no running curl pod of {what}")
 
     def call(
         self, pod: RunningPod, command: dict[str, Any], timeout: float = 600
@@ -492,9 +501,9 @@ class Lab:
                 return reply
         raise LabError(f"pod {pod.spec.name} has no curl container")
 
-    def request(self, namespace: str, deployment: str, url: str, count: int = 1,
-                timeout: float = 2.0) -> list[dict[str, Any]]:
-        pod = self.client_pod(namespace, deployment)
+    def request(self, namespace: str, deployment: str | None, url: str, count: int = 1,
+                timeout: float = 2.0, pod_name: str | None = None) -> list[dict[str, Any]]:
+        pod = self.client_pod(namespace, deployment, pod_name)
         return self.call(pod, {"op": "get", "url": url, "count": count,
                                "timeout": timeout})["results"]
 

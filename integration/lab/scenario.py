@@ -14,7 +14,7 @@ The format (README "Scenario files" documents it for users)::
       - label: {node: N, labels: {key: value-or-null}}
       - delete: {kind: Deployment, namespace: sample, name: X}
       - request:
-          from: {namespace: sample, deployment: sleep}
+          from: {namespace: sample, deployment: sleep}   # or {namespace: .., pod: NAME}
           url: http://helloworld:5000/hello
           count: 20             # optional, default 1
         expect:                 # optional
@@ -153,9 +153,10 @@ def _parse_step(i: int, raw: Any, fail: Callable[[str, str], ScenarioError]) -> 
             raise fail(f"{where}.{kind}.{key}", f"is required and must be a {typ.__name__}")
     if kind == "request":
         src = body["from"]
-        for key in ("namespace", "deployment"):
-            if not isinstance(src.get(key), str):
-                raise fail(f"{where}.request.from.{key}", "is required and must be a string")
+        if not isinstance(src.get("namespace"), str):
+            raise fail(f"{where}.request.from.namespace", "is required and must be a string")
+        if sum(isinstance(src.get(k), str) for k in ("deployment", "pod")) != 1:
+            raise fail(f"{where}.request.from", "needs a deployment or a pod (a name)")
         count = body.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10000:
             raise fail(f"{where}.request.count", "must be an integer from 1 to 10000")
@@ -217,8 +218,8 @@ class Runner:
             self.out(f"  agent of {b['node']} restarted after SIG{b.get('signal', 'KILL')}")
         elif step.kind == "request":
             src = b["from"]
-            results = lab.request(src["namespace"], src["deployment"], b["url"],
-                                  b.get("count", 1))
+            results = lab.request(src["namespace"], src.get("deployment"), b["url"],
+                                  b.get("count", 1), pod_name=src.get("pod"))
             for line in tally(results):
                 self.out(f"  {line}")
             check(step.expect, results)
@@ -238,7 +239,8 @@ def describe(step: Step) -> str:
     if step.kind == "restart_agent":
         return f"restart the agent of {b['node']}"
     src = b["from"]
-    return f"request {b['url']} x{b.get('count', 1)} from {src['namespace']}/{src['deployment']}"
+    who = src.get("deployment") or f"pod {src.get('pod')}"
+    return f"request {b['url']} x{b.get('count', 1)} from {src['namespace']}/{who}"
 
 
 def tally(results: list[dict[str, Any]]) -> list[str]:

@@ -145,22 +145,23 @@ def three_instances(lab: Lab, svc: str) -> None:
     lab.apply(sleep_client(), "sample")
 
 
-def test_seed_scenario_passes_step_for_step(kernel: None) -> None:
+SCENARIOS = sorted((REPO / "integration" / "scenarios").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_shipped_scenarios_pass_step_for_step(kernel: None, path: Path) -> None:
     _lab_prerequisites()
     lines: list[str] = []
-    code = scenario.execute(scenario.load(scenario.seed_path()), out=lines.append)
+    code = scenario.execute(scenario.load(path), out=lines.append)
     assert code == scenario.EXIT_OK, "\n".join(lines)
     text = "\n".join(lines)
-    assert "20 x Hello version: region.zone1.subzone1, instance: helloworld-region.zone1" in text
-    assert "20 x Hello version: region.zone1.subzone2, instance: helloworld-region.zone1" in text
-
-
-def test_seed_local_variant_refuses_once_the_local_instance_is_gone(kernel: None) -> None:
-    _lab_prerequisites()
-    lines: list[str] = []
-    code = scenario.execute(scenario.load(scenario.seed_path(local=True)), out=lines.append)
-    assert code == scenario.EXIT_OK, "\n".join(lines)
-    assert "20 x error: ECONNREFUSED" in "\n".join(lines)
+    if path.stem == "seed":
+        assert "20 x Hello version: region.zone1.subzone1, instance: helloworld-region.zone1" \
+            in text
+        assert "20 x Hello version: region.zone1.subzone2, instance: helloworld-region.zone1" \
+            in text
+    if path.stem == "seed-local":
+        assert "20 x error: ECONNREFUSED" in text
 
 
 def test_local_strict_answers_locally_then_refuses_within_100ms(lab: Lab) -> None:
@@ -284,17 +285,7 @@ def test_scenario_with_an_unmet_expectation_exits_3(kernel: None, tmp_path: Path
 
 def test_lab_down_removes_what_a_killed_lab_left(kernel: None, tmp_path: Path) -> None:
     _lab_prerequisites()
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump({
-        "nodes": {"n1": {}, "n2": {}},
-        "steps": [
-            {"apply": service(), "namespace": "sample"},
-            {"apply": helloworld("x", "n1"), "namespace": "sample"},
-            {"apply": sleep_client("n2"), "namespace": "sample"},
-            {"request": {"from": {"namespace": "sample", "deployment": "sleep"}, "url": URL,
-                         "count": 10000}},
-        ],
-    }))
+    path = _long_scenario(tmp_path)
     runner = subprocess.Popen(
         [sys.executable, "-m", "kmesh_plugin.cli", "lab", "run", str(path), "-v"],
         stdout=subprocess.PIPE, text=True,
@@ -325,6 +316,47 @@ def test_lab_down_removes_what_a_killed_lab_left(kernel: None, tmp_path: Path) -
     agents = [p for p in Path("/proc").glob("[0-9]*/cmdline")
               if f"/run/kmesh-lab/{lab_id}/".encode() in _read(p)]
     assert agents == []
+
+
+def test_ctrl_c_stops_a_lab_run_and_removes_everything(kernel: None, tmp_path: Path) -> None:
+    _lab_prerequisites()
+    path = _long_scenario(tmp_path)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "kmesh_plugin.cli", "lab", "run", str(path), "-v"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert runner.stdout is not None
+    for line in runner.stdout:
+        if line.startswith("[4/4]"):
+            break
+    state = sorted(Path("/run/kmesh-lab").iterdir(), key=lambda p: p.stat().st_mtime)[-1]
+    runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=120)
+    assert runner.returncode == 130, err
+    assert "interrupted" in err
+    assert not state.exists()
+    assert not (Path("/sys/fs/bpf") / f"kmesh-lab-{state.name}").exists()
+    from kmesh_plugin.datapath.mounts import cgroup2_root
+
+    assert not (cgroup2_root() / f"kmesh-lab-{state.name}").exists()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"kmesh-lab-{state.name}" not in netns
+
+
+def _long_scenario(tmp_path: Path) -> Path:
+    """Two nodes, a server, a client, then a request step that runs for a long while."""
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({
+        "nodes": {"n1": {}, "n2": {}},
+        "steps": [
+            {"apply": service(), "namespace": "sample"},
+            {"apply": helloworld("x", "n1"), "namespace": "sample"},
+            {"apply": sleep_client("n2"), "namespace": "sample"},
+            {"request": {"from": {"namespace": "sample", "deployment": "sleep"}, "url": URL,
+                         "count": 10000}},
+        ],
+    }))
+    return path
 
 
 def _read(path: Path) -> bytes:
