@@ -61,6 +61,18 @@ def kernel() -> None:
 
 
 @pytest.fixture(scope="session")
+def cni_plugins() -> None:
+    """Root and Debian's CNI plugins (containernetworking-plugins) for the lab's pods."""
+    if os.geteuid() != 0:
+        missing("needs root")
+    for plugin in ("bridge", "host-local"):
+        if not os.access(f"/usr/lib/cni/{plugin}", os.X_OK):
+            missing(f"CNI plugin {plugin} is not installed (containernetworking-plugins)")
+    if shutil.which("ip") is None:
+        missing("iproute2 (ip) is not installed")
+
+
+@pytest.fixture(scope="session")
 def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One object cache per session: the datapath compiles once."""
     return tmp_path_factory.mktemp("bpf-build")
@@ -72,6 +84,7 @@ def pin_dir(kernel: None) -> Iterator[Path]:
     from kmesh_plugin.datapath import loader
 
     path = Path("/sys/fs/bpf") / f"{PREFIX}{secrets.token_hex(4)}"
+    path.mkdir()
     try:
         yield path
     finally:

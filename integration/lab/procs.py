@@ -18,7 +18,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import select
 import signal
 import subprocess
@@ -26,10 +25,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
+from kmesh_plugin.datapath.mounts import cgroup2_root
+
 __all__ = [
     "LineReader",
     "SpawnError",
-    "cgroup2_root",
     "cgroup_pids",
     "make_cgroup",
     "remove_cgroup_tree",
@@ -251,26 +251,9 @@ class LineReader:
 # --------------------------------------------------------------------------------------------
 
 
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as 3-digit octal (``\\040``)."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> str:
-    """Return the mount point of the cgroup v2 hierarchy (hybrid or unified layout)."""
-    with open(mountinfo) as handle:
-        for line in handle:
-            fields = line.split()
-            # Optional fields end at "-"; the file system type follows it.
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                return _unescape_mountinfo(fields[4])
-    raise FileNotFoundError(f"no cgroup2 file system in {mountinfo}")
-
-
 def make_cgroup(path: str) -> str:
     """Create cgroup directory ``path`` (and missing parents); it must be on the cgroup2 mount."""
-    root = cgroup2_root()
+    root = str(cgroup2_root())
     real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root or real == root:
         raise ValueError(f"{path} is not below the cgroup2 mount {root}")

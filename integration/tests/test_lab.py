@@ -8,7 +8,6 @@ the helloworld body. The lab removes everything it made, also when a test fails.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -45,17 +44,13 @@ SEED_NODES = {
 }
 
 
-def _lab_prerequisites() -> None:
-    for plugin in ("bridge", "host-local"):
-        if not os.access(f"/usr/lib/cni/{plugin}", os.X_OK):
-            from conftest import missing
-
-            missing(f"CNI plugin {plugin} is not installed (containernetworking-plugins)")
+@pytest.fixture
+def lab_host(kernel: None, cni_plugins: None) -> None:
+    """This machine can run a lab: root, BPF, cgroup v2, bpffs and the CNI plugins."""
 
 
 @pytest.fixture
-def lab_factory(kernel: None) -> Iterator[Any]:
-    _lab_prerequisites()
+def lab_factory(lab_host: None) -> Iterator[Any]:
     labs: list[Lab] = []
 
     def make(nodes: dict[str, dict[str, str]] | None = None, **kwargs: Any) -> Lab:
@@ -149,8 +144,7 @@ SCENARIOS = sorted((REPO / "integration" / "scenarios").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_shipped_scenarios_pass_step_for_step(kernel: None, path: Path) -> None:
-    _lab_prerequisites()
+def test_shipped_scenarios_pass_step_for_step(lab_host: None, path: Path) -> None:
     lines: list[str] = []
     code = scenario.execute(scenario.load(path), out=lines.append)
     assert code == scenario.EXIT_OK, "\n".join(lines)
@@ -264,8 +258,7 @@ def test_third_party_strategy_changes_which_endpoint_answers(lab_factory: Any) -
     assert versions(lab) == {"ECONNREFUSED": 30}
 
 
-def test_scenario_with_an_unmet_expectation_exits_3(kernel: None, tmp_path: Path) -> None:
-    _lab_prerequisites()
+def test_scenario_with_an_unmet_expectation_exits_3(lab_host: None, tmp_path: Path) -> None:
     path = tmp_path / "wrong.yaml"
     path.write_text(yaml.safe_dump({
         "nodes": {"n1": {"topology.kubernetes.io/zone": "a"}, "n2": {}},
@@ -283,8 +276,7 @@ def test_scenario_with_an_unmet_expectation_exits_3(kernel: None, tmp_path: Path
     assert "answers from versions outside ['near']: {'far': 5}" in "\n".join(lines)
 
 
-def test_lab_down_removes_what_a_killed_lab_left(kernel: None, tmp_path: Path) -> None:
-    _lab_prerequisites()
+def test_lab_down_removes_what_a_killed_lab_left(lab_host: None, tmp_path: Path) -> None:
     path = _long_scenario(tmp_path)
     runner = subprocess.Popen(
         [sys.executable, "-m", "kmesh_plugin.cli", "lab", "run", str(path), "-v"],
@@ -318,8 +310,7 @@ def test_lab_down_removes_what_a_killed_lab_left(kernel: None, tmp_path: Path) -
     assert agents == []
 
 
-def test_ctrl_c_stops_a_lab_run_and_removes_everything(kernel: None, tmp_path: Path) -> None:
-    _lab_prerequisites()
+def test_ctrl_c_stops_a_lab_run_and_removes_everything(lab_host: None, tmp_path: Path) -> None:
     path = _long_scenario(tmp_path)
     runner = subprocess.Popen(
         [sys.executable, "-m", "kmesh_plugin.cli", "lab", "run", str(path), "-v"],

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from integration.lab import cni, netns, procs, workloads
+from kmesh_plugin.datapath.mounts import cgroup2_root
 
 PREFIX = "kmesh-test-"
 REPO = str(Path(__file__).resolve().parents[2])
@@ -37,38 +37,13 @@ SEARCH = "default.svc.cluster.local svc.cluster.local cluster.local"
 # --------------------------------------------------------------------------------------------
 
 
-def _lab_unavailable() -> str | None:
-    """Why root lab tests cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root"
-    for plugin in ("bridge", "host-local"):
-        if not os.access(os.path.join(CNI_PATH, plugin), os.X_OK):
-            return f"CNI plugin {plugin} missing in {CNI_PATH}"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) missing"
-    try:
-        procs.cgroup2_root()
-    except FileNotFoundError:
-        return "no cgroup2 mount"
-    return None
-
-
-def _require_lab() -> None:
-    reason = _lab_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("KMESH_REQUIRE_BPF") == "1":
-        pytest.fail(f"KMESH_REQUIRE_BPF=1 but {reason}")
-    pytest.skip(reason)
-
-
 def _unique_id() -> str:
     """Claim "kmesh-test-XXXX" (15 bytes, the most a bridge name may have) for one lab.
 
     mkdir of the cgroup directory is the atomic claim, so concurrent runs never share an id;
     the caller owns that directory and must remove it.
     """
-    root = procs.cgroup2_root()
+    root = str(cgroup2_root())
     while True:
         lab_id = PREFIX + secrets.token_hex(2)
         if netns.list_names(lab_id):
@@ -99,7 +74,7 @@ class MiniLab:
     def __init__(self, state_dir: str, ipv6_subnet: str | None = None) -> None:
         self.id = _unique_id()
         self.state_dir = state_dir
-        self.cgroup = os.path.join(procs.cgroup2_root(), self.id)
+        self.cgroup = os.path.join(str(cgroup2_root()), self.id)
         self.fabric = cni.Fabric(f"{self.id}-fabric", self.id, state_dir, ipv6_subnet=ipv6_subnet)
         self.pod_netns: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -189,7 +164,6 @@ def _pids_mentioning(text: str) -> list[int]:
 
 
 def _build_lab(tmp_path: Path, ipv6_subnet: str | None = None) -> Iterator[MiniLab]:
-    _require_lab()
     lab = MiniLab(str(tmp_path), ipv6_subnet=ipv6_subnet)
     try:
         yield lab.start()
@@ -200,12 +174,12 @@ def _build_lab(tmp_path: Path, ipv6_subnet: str | None = None) -> Iterator[MiniL
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[MiniLab]:
+def lab(tmp_path: Path, cni_plugins: None) -> Iterator[MiniLab]:
     yield from _build_lab(tmp_path)
 
 
 @pytest.fixture
-def lab6(tmp_path: Path) -> Iterator[MiniLab]:
+def lab6(tmp_path: Path, cni_plugins: None) -> Iterator[MiniLab]:
     yield from _build_lab(tmp_path, ipv6_subnet="2001:2::/64")
 
 
@@ -323,8 +297,9 @@ def test_dual_stack_pods(lab6: MiniLab) -> None:
 
 
 @pytest.mark.lab
-def test_everything_is_removed_even_when_the_test_body_fails(tmp_path: Path) -> None:
-    _require_lab()
+def test_everything_is_removed_even_when_the_test_body_fails(
+    tmp_path: Path, cni_plugins: None
+) -> None:
     lab = MiniLab(str(tmp_path))
     pids: list[int] = []
     with pytest.raises(RuntimeError, match="deliberate"):
@@ -343,9 +318,8 @@ def test_everything_is_removed_even_when_the_test_body_fails(tmp_path: Path) -> 
 
 
 @pytest.mark.lab
-def test_remove_cgroup_tree_kills_what_is_left() -> None:
-    _require_lab()
-    root = os.path.join(procs.cgroup2_root(), _unique_id())
+def test_remove_cgroup_tree_kills_what_is_left(cni_plugins: None) -> None:
+    root = os.path.join(str(cgroup2_root()), _unique_id())
     try:
         leaf = procs.make_cgroup(os.path.join(root, "node", "pod"))
         # A shell with a child of its own: both must die, and nothing may be left unreaped.
@@ -455,4 +429,4 @@ def test_cgroup2_root_parses_mountinfo(tmp_path: Path) -> None:
         "25 1 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n"
         "41 31 0:38 / /sys/fs/cgroup/my\\040unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
     )
-    assert procs.cgroup2_root(str(mountinfo)) == "/sys/fs/cgroup/my unified"
+    assert str(cgroup2_root(str(mountinfo))) == "/sys/fs/cgroup/my unified"

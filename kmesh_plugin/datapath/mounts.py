@@ -7,6 +7,7 @@ Never hard-coded: a hybrid host mounts cgroup v2 at /sys/fs/cgroup/unified, a pu
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +23,28 @@ class Mount:
     fstype: str
 
 
-def mounts() -> list[Mount]:
-    """Mounts of this process's mount namespace, from /proc/self/mountinfo."""
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """Mounts of this process's mount namespace."""
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+    with open(mountinfo, encoding="utf-8") as f:
         for line in f:
             # Fields: id parent major:minor root mount_point options [optional...] - fstype ...
             left, _, right = line.partition(" - ")
-            point = left.split()[4].replace("\\040", " ")
-            out.append(Mount(Path(point), right.split()[0]))
+            out.append(Mount(Path(_unescape(left.split()[4])), right.split()[0]))
     return out
 
 
-def cgroup2_root() -> Path:
-    for m in mounts():
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as 3-digit octal (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup (pure v2) or e.g. /sys/fs/cgroup/unified."""
+    for m in mounts(mountinfo):
         if m.fstype == "cgroup2":
             return m.mount_point
-    raise DatapathError("no cgroup v2 filesystem is mounted (see /proc/self/mountinfo)")
+    raise DatapathError(f"no cgroup v2 filesystem is mounted (see {mountinfo})")
 
 
 def filesystem_of(path: Path) -> Mount | None:

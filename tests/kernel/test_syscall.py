@@ -16,8 +16,6 @@ import ctypes
 import errno
 import json
 import os
-import re
-import secrets
 import shutil
 import socket
 import statistics
@@ -30,45 +28,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing
 from kmesh_plugin.datapath import syscall
 from kmesh_plugin.datapath.syscall import Barrier, Map
 from kmesh_plugin.errors import BpfError
 
-REQUIRE_BPF = os.environ.get("KMESH_REQUIRE_BPF") == "1"
-BPFFS = Path("/sys/fs/bpf")
-
-
-def _bpf_unavailable() -> str | None:
-    """Why these tests cannot run here, or None."""
-    if sys.platform != "linux":
-        return f"bpf(2) needs Linux, this is {sys.platform}"
-    if os.geteuid() != 0:
-        return "bpf(2) tests need root"
-    try:
-        Map.create(syscall.ARRAY, 4, 4, 1).close()
-    except OSError as e:
-        return f"bpf(2) unavailable: {e}"
-    return None
-
-
-_UNAVAILABLE = _bpf_unavailable()
-if _UNAVAILABLE and not REQUIRE_BPF:
-    pytest.skip(_UNAVAILABLE, allow_module_level=True)
-
 pytestmark = pytest.mark.kernel
 
 
-def _missing(reason: str) -> None:
-    """Skip for a missing prerequisite, or fail when KMESH_REQUIRE_BPF=1 demands it."""
-    if REQUIRE_BPF:
-        pytest.fail(f"KMESH_REQUIRE_BPF=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(autouse=True)
-def _require_bpf() -> None:
-    if _UNAVAILABLE:
-        _missing(_UNAVAILABLE)
+def _require_bpf(kernel: None) -> None:
+    """Every test here needs the kernel (root conftest: skip, or fail under KMESH_REQUIRE_BPF)."""
 
 
 def u32(n: int) -> bytes:
@@ -77,49 +47,6 @@ def u32(n: int) -> bytes:
 
 def u64(n: int) -> bytes:
     return struct.pack("=Q", n)
-
-
-# --------------------------------------------------------------------------------------------
-# Fixtures
-# --------------------------------------------------------------------------------------------
-
-
-def _is_bpffs_mounted() -> bool:
-    with open("/proc/mounts", encoding="utf-8") as f:
-        return any(
-            len(fields) >= 3 and fields[1] == str(BPFFS) and fields[2] == "bpf"
-            for fields in (line.split() for line in f)
-        )
-
-
-@pytest.fixture(scope="session")
-def bpffs() -> Path:
-    """/sys/fs/bpf as a bpf mount. Left mounted: other processes may use it by now."""
-    if not _is_bpffs_mounted():
-        proc = subprocess.run(
-            ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True
-        )
-        if proc.returncode != 0 or not _is_bpffs_mounted():
-            _missing(f"cannot mount bpffs at {BPFFS}: {proc.stderr.strip()}")
-    return BPFFS
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a bpffs directory: unlinking a pin drops its reference."""
-    if path.exists():
-        shutil.rmtree(path)
-
-
-@pytest.fixture
-def pin_dir(bpffs: Path) -> Iterator[Path]:
-    """A fresh /sys/fs/bpf/kmesh-test-<random>/, removed with all its pins afterwards."""
-    path = bpffs / f"kmesh-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        _remove_tree(path)
-    assert not path.exists()
 
 
 @pytest.fixture
@@ -132,45 +59,6 @@ def fds() -> Iterator[list[int]]:
         for fd in reversed(owned):
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _cgroup2_mount() -> Path | None:
-    """Where cgroup v2 is mounted (/sys/fs/cgroup or /sys/fs/cgroup/unified), from mountinfo."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, sep, right = line.partition(" - ")
-            if sep and right.split()[0] == "cgroup2":
-                return Path(_unescape_mountinfo(left.split()[4]))
-    return None
-
-
-@pytest.fixture
-def cgroup() -> Iterator[Path]:
-    """A child cgroup v2 kmesh-test-<random> of the cgroup2 root, removed afterwards."""
-    mount = _cgroup2_mount()
-    if mount is None:
-        _missing("cgroup v2 is not mounted")
-    assert mount is not None
-    path = mount / f"kmesh-test-{secrets.token_hex(4)}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        # The probe children have exited and been reaped, but the cgroup may take a moment
-        # to notice that it is empty.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                path.rmdir()
-                break
-            except OSError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 PROG_TEMPLATE = """\
@@ -199,7 +87,7 @@ def bpf_objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The trivial cgroup/connect programs, compiled once per module."""
     for tool in ("clang", "gcc", "bpftool"):
         if shutil.which(tool) is None:
-            _missing(f"{tool} is not installed (apt-get install -y clang bpftool libbpf-dev)")
+            missing(f"{tool} is not installed (apt-get install -y clang bpftool libbpf-dev)")
     multiarch = subprocess.run(
         ["gcc", "-print-multiarch"], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -218,7 +106,7 @@ def bpf_objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             text=True,
         )
         if proc.returncode != 0:
-            _missing(f"clang cannot build a BPF program: {proc.stderr.strip()}")
+            missing(f"clang cannot build a BPF program: {proc.stderr.strip()}")
         objects[name] = obj
     return objects
 
