@@ -33,6 +33,9 @@ from kmesh_plugin.sources.base import Batch, Source
 
 log = logging.getLogger(__name__)
 
+RETRY_MIN = 0.5  # seconds before the first retry of a failed publish
+RETRY_MAX = 30.0
+
 
 @dataclass
 class ReconcileReport:
@@ -42,6 +45,7 @@ class ReconcileReport:
     services: int
     publish: PublishStats
     errors: list[str] = field(default_factory=list)
+    failed: bool = False  # the publish failed: the maps kept their last good state
 
 
 class Agent:
@@ -56,6 +60,7 @@ class Agent:
         datapath: Datapath,
         cgroup: os.PathLike[str] | str,
         status: StatusFile | None = None,
+        writer: MapWriter | None = None,
     ) -> None:
         self.node_name = node_name
         self.state = state
@@ -64,7 +69,7 @@ class Agent:
         self.source = source
         self.datapath = datapath
         self.cgroup = cgroup
-        self.writer = MapWriter(datapath)
+        self.writer = writer or MapWriter(datapath)
         self.status = status
         self.groups_of: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
         self.synced = False
@@ -72,6 +77,11 @@ class Agent:
         self.last: ReconcileReport | None = None
         self.stop_event = threading.Event()
         self._warned: set[tuple[ServiceKey, str]] = set()
+        # What a failed publish left undone, retried with backoff until it lands.
+        self._pending: set[ServiceKey] = set()
+        self._pending_full = False
+        self._retry_delay = RETRY_MIN
+        self._retry_at = 0.0
         self.started_at = time.time()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -91,10 +101,18 @@ class Agent:
                 batch = self.source.next_batch(timeout=0.2)
                 if batch is not None:
                     self.handle(batch)
+                elif self.retry_due():
+                    self.handle(Batch())
         finally:
             self.plugins.notify("kmesh_agent_stopping", node=self.node_info())
             self.source.close()
+            # Leave no retired set behind: delete what is due, after one grace period.
+            self.writer.settle()
+            self.writer.close()
             log.info("agent stopped; the datapath stays attached", extra={"node": self.node_name})
+
+    def retry_due(self) -> bool:
+        return (self._pending_full or bool(self._pending)) and time.monotonic() >= self._retry_at
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -112,9 +130,12 @@ class Agent:
                 return None  # keep collecting the initial state
             self.synced = True
             impact = Impact(everything=True, relabelled=impact.relabelled)
+        impact.everything |= self._pending_full
+        impact.services |= self._pending
         report = None
         if impact:
             report = self._full() if impact.everything else self._partial(impact.services)
+            self._note_outcome(report, impact)
             report.seconds = time.perf_counter() - started
             self.last = report
             log.info(
@@ -140,6 +161,19 @@ class Agent:
         self._write_status()
         return report
 
+    def _note_outcome(self, report: ReconcileReport, impact: Impact) -> None:
+        if not report.failed:
+            self._pending, self._pending_full = set(), False
+            self._retry_delay = RETRY_MIN
+            return
+        if impact.everything:
+            self._pending_full = True
+        else:
+            self._pending |= impact.services
+        self._retry_at = time.monotonic() + self._retry_delay
+        log.warning("will retry the failed publish in %.1f s", self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
     def _full(self) -> ReconcileReport:
         report = ReconcileReport(time.time(), 0.0, True, len(self.state.services), PublishStats())
         planned: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
@@ -151,9 +185,11 @@ class Agent:
             if groups:
                 planned[key] = groups
         desired = self._claim_frontends(planned, report)
+        planned = {k: v for k, v in planned.items() if v}
         try:
             report.publish = self.writer.sync(desired)
         except KmeshError as e:
+            report.failed = True
             report.errors.append(f"publish failed, maps unchanged: {e}")
             log.error("publish failed, maps keep their last good state: %s", e)
             return report
@@ -172,12 +208,11 @@ class Agent:
             for frontend in self.groups_of.get(key, {}):
                 if frontend not in groups:
                     changes[frontend] = None
-        others = {k: v for k, v in self.groups_of.items() if k not in planned}
-        owned = self._claim_frontends({**others, **planned}, report, only=set(planned))
-        changes.update(owned)
+        changes.update(self._claim_frontends(planned, report))
         try:
             report.publish = self.writer.publish(changes)
         except KmeshError as e:
+            report.failed = True
             report.errors.append(f"publish failed, maps unchanged: {e}")
             log.error("publish failed, maps keep their last good state: %s", e,
                       extra={"services": sorted(f"{n}/{s}" for n, s in services)})
@@ -207,30 +242,36 @@ class Agent:
         return {g.frontend: g for g in plan.groups}
 
     def _claim_frontends(
-        self,
-        planned: dict[ServiceKey, dict[Frontend, GroupPlan]],
-        report: ReconcileReport,
-        only: set[ServiceKey] | None = None,
+        self, planned: dict[ServiceKey, dict[Frontend, GroupPlan]], report: ReconcileReport
     ) -> dict[Frontend, BackendSet]:
-        """One frontend, one Service: a ClusterIP:port claimed twice goes to the first (by
-        namespace/name) and the clash is reported with both names."""
-        owner: dict[Frontend, ServiceKey] = {}
+        """One frontend, one Service. A ClusterIP:port wanted by two Services stays with the
+        one that has it in the maps (else the first by namespace/name); the other is reported
+        with both names and gets no frontend there. Returns the sets of ``planned``."""
+
+        def wants(key: ServiceKey, frontend: Frontend) -> bool:
+            groups = planned[key] if key in planned else self.groups_of.get(key, {})
+            return frontend in groups
+
+        incumbent = {f: key for key, groups in self.groups_of.items() for f in groups}
+        taken: dict[Frontend, ServiceKey] = {}
         out: dict[Frontend, BackendSet] = {}
         for key in sorted(planned):
-            for frontend, group in list(planned[key].items()):
-                if frontend in owner:
-                    other = owner[frontend]
+            kept = {}
+            for frontend, group in planned[key].items():
+                holder = incumbent.get(frontend)
+                if holder is None or holder == key or not wants(holder, frontend):
+                    holder = taken.setdefault(frontend, key)
+                if holder != key:
                     message = (
                         f"Service {key[0]}/{key[1]}: {frontend} is already used by Service "
-                        f"{other[0]}/{other[1]}; ignoring it here"
+                        f"{holder[0]}/{holder[1]}; ignoring it here"
                     )
                     report.errors.append(message)
                     log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
-                    del planned[key][frontend]
                     continue
-                owner[frontend] = key
-                if only is None or key in only:
-                    out[frontend] = group.backends
+                kept[frontend] = group
+                out[frontend] = group.backends
+            planned[key] = kept
         return out
 
     # -- status -----------------------------------------------------------------------------

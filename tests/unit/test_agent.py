@@ -1,0 +1,333 @@
+"""The agent's reconcile loop against a recording map writer (no kernel).
+
+The writer here applies changes to a dict exactly as MapWriter's contract says (None removes a
+group); the kernel side of that contract is tested in tests/kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kmesh_plugin import hookimpl
+from kmesh_plugin.agent.agent import Agent
+from kmesh_plugin.agent.state import ClusterState
+from kmesh_plugin.datapath.build import Capacities
+from kmesh_plugin.datapath.records import (
+    MODE_FAILOVER,
+    MODE_RANDOM,
+    Backend,
+    BackendSet,
+    Frontend,
+)
+from kmesh_plugin.datapath.writer import PublishStats
+from kmesh_plugin.errors import DatapathError
+from kmesh_plugin.hookspecs import StrategySettings
+from kmesh_plugin.model import LocalityLabels, Scope
+from kmesh_plugin.model.objects import object_key, parse
+from kmesh_plugin.plugins import Plugins
+from kmesh_plugin.sources.base import Batch, Event, Source
+
+ZONE = "topology.kubernetes.io/zone"
+REGION = "topology.kubernetes.io/region"
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.published: dict[Frontend, BackendSet] = {}
+        self.fail_next: Exception | None = None
+        self.calls: list[dict[Frontend, BackendSet | None]] = []
+
+    def recover(self) -> int:
+        return len(self.published)
+
+    def publish(self, changes: Mapping[Frontend, BackendSet | None]) -> PublishStats:
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        stats = PublishStats()
+        real = {f: b for f, b in changes.items() if self.published.get(f) != b}
+        self.calls.append(dict(real))
+        for frontend, backends in real.items():
+            if backends is None:
+                if self.published.pop(frontend, None) is not None:
+                    stats.removed += 1
+            else:
+                stats.added += frontend not in self.published
+                self.published[frontend] = backends
+        return stats
+
+    def sync(self, desired: Mapping[Frontend, BackendSet]) -> PublishStats:
+        changes: dict[Frontend, BackendSet | None] = dict(desired)
+        changes.update({f: None for f in self.published if f not in desired})
+        return self.publish(changes)
+
+    def slots_in_use(self) -> int:
+        return sum(b.size for b in self.published.values())
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ListSource(Source):
+    kind = "list"
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.closed = False
+
+    def start(self) -> None:
+        pass
+
+    def next_batch(self, timeout: float) -> Batch | None:
+        return self.batches.pop(0) if self.batches else None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def node(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+def service(name: str, ip: str, ns: str = "sample", **spec: Any) -> dict[str, Any]:
+    annotations = spec.pop("annotations", {})
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+            "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}], **spec}}
+
+
+def eps(svc: str, *members: tuple[str, str], ns: str = "sample") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{svc}-x", "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": [ip], "nodeName": n, "conditions": {"ready": True}}
+                      for ip, n in members],
+    }
+
+
+def up(*objs: dict[str, Any]) -> list[Event]:
+    return [Event(object_key(o), parse(o)) for o in objs]
+
+
+def gone(obj: dict[str, Any]) -> Event:
+    return Event(object_key(obj), None)
+
+
+def fe(ip: str) -> Frontend:
+    return Frontend(ipaddress.ip_address(ip), 80, socket.IPPROTO_TCP)
+
+
+def be(ip: str) -> Backend:
+    return Backend(ipaddress.ip_address(ip), 8080)
+
+
+class Recorder:
+    """A lifecycle plugin that records what it was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def kmesh_agent_started(self, node: Any, datapath: Any) -> None:
+        self.seen.append(("started", node.name))
+
+    @hookimpl
+    def kmesh_node_locality_changed(self, node: Any, previous: Any, current: Any,
+                                    is_local: bool) -> None:
+        self.seen.append(("relabel", (node.name, previous.zone, current.zone, is_local)))
+
+    @hookimpl
+    def kmesh_agent_stopping(self, node: Any) -> None:
+        self.seen.append(("stopping", node.name))
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    return Plugins.load(["local", "prefer_close"])
+
+
+def make_agent(plugins: Plugins, writer: RecordingWriter, source: ListSource | None = None,
+               node_name: str = "w1") -> Agent:
+    datapath = SimpleNamespace(pins=SimpleNamespace(root=Path("/sys/fs/bpf/x")), events=[],
+                               capacities=Capacities(16, 64))
+    return Agent(
+        node_name=node_name,
+        state=ClusterState(LocalityLabels(), node_name),
+        plugins=plugins,
+        settings=StrategySettings([Scope.NETWORK, Scope.REGION, Scope.ZONE, Scope.SUBZONE]),
+        source=source or ListSource(),
+        datapath=datapath,  # type: ignore[arg-type]
+        cgroup="/sys/fs/cgroup/x",
+        writer=writer,  # type: ignore[arg-type]
+    )
+
+
+WORLD = [
+    node("w1", **{REGION: "r", ZONE: "z1"}),
+    node("w2", **{REGION: "r", ZONE: "z1"}),
+    node("w3", **{REGION: "r", ZONE: "z2"}),
+]
+
+
+def test_initial_sync_publishes_tiers_and_nothing_before_it(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    objs = [*WORLD, service("hw", "198.19.0.10", trafficDistribution="PreferClose"),
+            eps("hw", ("198.18.1.1", "w1"), ("198.18.2.1", "w2"), ("198.18.3.1", "w3"))]
+    assert agent.handle(Batch(up(*objs), synced=False)) is None
+    assert writer.calls == []  # not synced: never publish (and so never delete) early
+    report = agent.handle(Batch([], synced=True))
+    assert report is not None and report.full
+    assert writer.published == {
+        fe("198.19.0.10"): BackendSet(MODE_FAILOVER, (
+            (be("198.18.1.1"), be("198.18.2.1")),  # same zone, subzone "" == ""
+            (), (be("198.18.3.1"),), (), (),
+        )),
+    }
+
+
+def test_relabel_of_own_node_recomputes_every_service(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    rec = Recorder()
+    plugins.register(rec, "recorder")
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD,
+                          service("a", "198.19.0.10", trafficDistribution="PreferSameZone"),
+                          eps("a", ("198.18.2.1", "w2"), ("198.18.3.1", "w3")),
+                          service("b", "198.19.0.11", trafficDistribution="PreferSameZone"),
+                          eps("b", ("198.18.2.2", "w2"), ("198.18.3.2", "w3"))), synced=True))
+    assert writer.published[fe("198.19.0.10")].tiers[0] == (be("198.18.2.1"),)
+    report = agent.handle(Batch(up(node("w1", **{REGION: "r", ZONE: "z2"}))))
+    assert report is not None and report.full
+    assert writer.published[fe("198.19.0.10")].tiers[0] == (be("198.18.3.1"),)
+    assert writer.published[fe("198.19.0.11")].tiers[0] == (be("198.18.3.2"),)
+    assert ("relabel", ("w1", "z1", "z2", True)) in rec.seen
+
+
+def test_relabel_of_another_node_touches_only_its_services(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD,
+                          service("a", "198.19.0.10", trafficDistribution="PreferSameZone"),
+                          eps("a", ("198.18.2.1", "w2"), ("198.18.3.1", "w3")),
+                          service("c", "198.19.0.12"), eps("c", ("198.18.1.9", "w1"))),
+                       synced=True))
+    report = agent.handle(Batch(up(node("w3", **{REGION: "r", ZONE: "z1"}))))
+    assert report is not None and not report.full and report.services == 1
+    assert writer.published[fe("198.19.0.10")].tiers[0] == (be("198.18.2.1"), be("198.18.3.1"))
+
+
+def test_a_clusterip_port_claimed_twice_stays_with_its_holder(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"), eps("a", ("198.18.1.1", "w1"))),
+                       synced=True))
+    report = agent.handle(Batch(up(service("0-early", "198.19.0.10"),
+                                   eps("0-early", ("198.18.9.9", "w2")))))
+    assert report is not None
+    assert report.errors == [
+        "Service sample/0-early: 198.19.0.10:80/TCP is already used by Service sample/a; "
+        "ignoring it here"
+    ]
+    assert writer.published[fe("198.19.0.10")] == BackendSet(MODE_RANDOM, ((be("198.18.1.1"),),))
+    # Once the holder is gone the frontend goes with it (the other Service changes next time).
+    agent.handle(Batch([gone(service("a", "198.19.0.10"))]))
+    assert fe("198.19.0.10") not in writer.published
+
+
+class Exploding:
+    @hookimpl
+    def kmesh_strategy_claim(self, service: Any) -> None:
+        if service.name == "bad":
+            raise RuntimeError("plugin bug")
+
+
+def test_a_failing_plugin_keeps_the_last_good_state_of_that_service(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD, service("bad", "198.19.0.10"),
+                          eps("bad", ("198.18.1.1", "w1"))), synced=True))
+    before = dict(writer.published)
+    plugins.register(Exploding(), "exploding")
+    report = agent.handle(Batch(up(eps("bad", ("198.18.2.2", "w2")),
+                                   service("good", "198.19.0.11"),
+                                   eps("good", ("198.18.3.3", "w3")))))
+    assert report is not None
+    assert any("Service sample/bad: planning failed" in e and "plugin bug" in e
+               for e in report.errors)
+    assert writer.published[fe("198.19.0.10")] == before[fe("198.19.0.10")]
+    assert fe("198.19.0.11") in writer.published
+
+
+def test_a_failed_publish_changes_nothing_and_is_retried(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"), eps("a", ("198.18.1.1", "w1"))),
+                       synced=True))
+    writer.fail_next = DatapathError("datapath.max_endpoints is 64")
+    report = agent.handle(Batch(up(eps("a", ("198.18.1.1", "w1"), ("198.18.2.1", "w2")))))
+    assert report is not None and report.errors[0].startswith("publish failed, maps unchanged")
+    assert writer.published[fe("198.19.0.10")].size == 1
+    assert report.failed
+    # The failed Service is retried, after a backoff, with no new event.
+    agent._retry_at = 0.0  # the backoff has passed
+    assert agent.retry_due()
+    retry = agent.handle(Batch())
+    assert retry is not None and not retry.failed
+    assert writer.published[fe("198.19.0.10")].size == 2
+    assert not agent.retry_due()
+
+
+def test_unknown_annotation_warns_once(plugins: Plugins, caplog: pytest.LogCaptureFixture) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    svc = service("a", "198.19.0.10",
+                  annotations={"networking.istio.io/traffic-distribution": "Nearby"})
+    with caplog.at_level(logging.WARNING):
+        agent.handle(Batch(up(*WORLD, svc, eps("a", ("198.18.1.1", "w1"))), synced=True))
+        agent.handle(Batch(up(eps("a", ("198.18.2.1", "w2")))))
+        agent.handle(Batch(up(eps("a", ("198.18.3.1", "w3")))))
+    warnings = [r for r in caplog.records if "unknown value 'Nearby'" in r.getMessage()]
+    assert len(warnings) == 1
+    assert writer.published[fe("198.19.0.10")].mode == MODE_RANDOM
+
+
+def test_run_notifies_start_and_stop_and_closes_the_source(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    rec = Recorder()
+    plugins.register(rec, "recorder")
+    source = ListSource()
+    agent = make_agent(plugins, writer, source)
+
+    class StopAfterSync(Source):
+        kind = "wrapper"
+
+        def start(self) -> None:
+            pass
+
+        def next_batch(self, timeout: float) -> Batch | None:
+            agent.stop()
+            return Batch(up(*WORLD), synced=True, revision="7")
+
+        def close(self) -> None:
+            source.close()
+
+    agent.source = StopAfterSync()
+    agent.run()
+    assert rec.seen[0] == ("started", "w1") and rec.seen[-1] == ("stopping", "w1")
+    assert source.closed
+    assert agent.revision == "7" and agent.synced
