@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("datapath", help="manage the pinned datapath")
     dp_sub = dp.add_subparsers(metavar="ACTION")
+    build = dp_sub.add_parser("build", help="compile bpf/kmesh_lb.c for plugin.toml's capacities")
+    build.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    build.set_defaults(func=cmd_datapath_build)
     remove = dp_sub.add_parser("remove", help="detach the programs and remove every pin")
     remove.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
     remove.set_defaults(func=cmd_datapath_remove)
@@ -151,6 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent.run()
     finally:
         datapath.close()
+    return 0
+
+
+def cmd_datapath_build(args: argparse.Namespace) -> int:
+    from kmesh_plugin.datapath.build import compile_object
+
+    cfg = _load_config(args.config)
+    print(compile_object(cfg.capacities, cfg.build_dir, cfg.clang))
     return 0
 
 
