@@ -7,6 +7,7 @@ configuration or usage (the message names the file and key), 3 an unmet lab expe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -60,6 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed strategy plugins")
     plugins.set_defaults(func=cmd_plugins)
 
+    explain = sub.add_parser("explain", help="why a Service's connects go where they go")
+    explain.add_argument("service")
+    explain.add_argument("-n", "--namespace", default="default")
+    explain.add_argument("--node", help="explain from this node's seat (default: the config's)")
+    explain.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    explain.set_defaults(func=cmd_explain)
+
+    dump = sub.add_parser("dump", help="the pinned maps, decoded")
+    dump.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    dump.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    dump.set_defaults(func=cmd_dump)
+
+    status = sub.add_parser("status", help="agent health, links, map fill, last reconcile")
+    status.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(func=cmd_status)
+
     dp = sub.add_parser("datapath", help="manage the pinned datapath")
     dp_sub = dp.add_subparsers(metavar="ACTION")
     build = dp_sub.add_parser("build", help="compile bpf/kmesh_lb.c for plugin.toml's capacities")
@@ -83,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (seed, lrun):
         sp.add_argument("--keep-going", action="store_true",
                         help="run every step even after an unmet expectation")
+        sp.add_argument("--json", type=Path, metavar="PATH",
+                        help="write every step's tallies as JSON to PATH ('-': stdout)")
         sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
     return p
 
@@ -116,6 +137,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kmesh_plugin.agent.agent import Agent
+    from kmesh_plugin.agent.metrics import AgentMetrics
     from kmesh_plugin.agent.state import ClusterState
     from kmesh_plugin.agent.status import StatusFile
     from kmesh_plugin.datapath import loader
@@ -128,6 +150,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(cfg.log_level, cfg.log_format)
     plugins = _load_plugins(cfg)
     source = ManifestSource(cfg.source_path)
+    metrics = None
+    if cfg.metrics:  # bound before the kernel is touched: a taken port changes nothing
+        metrics = AgentMetrics(cfg.node_name)
+        try:
+            metrics.serve(cfg.metrics_address, cfg.metrics_port)
+        except OSError as e:
+            raise ConfigError(cfg.path, "agent.metrics_port",
+                              f"cannot serve metrics on {cfg.metrics_address}:"
+                              f"{cfg.metrics_port}: {e.strerror}") from None
 
     datapath = loader.attach(
         cfg.pin_dir, cfg.cgroup, cfg.capacities, cfg.build_dir,
@@ -148,13 +179,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("signal %s: stopping", signal.Signals(signum).name)
         agent.stop()
 
+    if metrics is not None:
+        metrics.attach(agent)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
         agent.run()
     finally:
+        if metrics is not None:
+            metrics.close()
         datapath.close()
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from kmesh_plugin.ops.explain import explain, render
+
+    cfg = _load_config(args.config)
+    result = explain(cfg, _load_plugins(cfg), args.namespace, args.service, args.node)
+    print(json.dumps(result.to_json(), indent=1) if args.output == "json" else render(result))
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from kmesh_plugin.ops.status import dump, render_dump
+
+    view = dump(_load_config(args.config))
+    print(json.dumps(view.to_json(), indent=1) if args.output == "json" else render_dump(view))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the agent is healthy and the datapath attached, 1 otherwise."""
+    from kmesh_plugin.ops.status import render_status, status
+
+    result = status(_load_config(args.config))
+    print(json.dumps(result, indent=1) if args.output == "json" else render_status(result))
+    healthy = result["agent"].get("healthy") and result["datapath"].get("attached")
+    return 0 if healthy else EXIT_FAILURE
 
 
 def cmd_datapath_build(args: argparse.Namespace) -> int:
@@ -177,13 +239,15 @@ def cmd_datapath_remove(args: argparse.Namespace) -> int:
 def cmd_lab_seed(args: argparse.Namespace) -> int:
     from integration.lab.scenario import run_seed
 
-    return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose)
+    return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose,
+                    json_path=args.json)
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
     from integration.lab.scenario import run_file
 
-    return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose)
+    return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose,
+                    json_path=args.json)
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:

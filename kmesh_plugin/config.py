@@ -7,6 +7,7 @@ same keys (a test keeps the two in step). Any unknown key, wrong type or bad pat
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -47,6 +48,18 @@ def _scopes(v: list[str]) -> str | None:
     if not 1 <= len(v) <= 7:
         return "needs 1 to 7 scopes"
     return None
+
+
+def _ip_address(v: str) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return "must be an IP address"
+    return None
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number (0 picks a free port)"
 
 
 def _log_format(v: str) -> str | None:
@@ -100,6 +113,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "status_file": Key(str, "/run/kmesh-plugin/status.json", _absolute),
         "log_level": Key(str, "info", _log_level),
         "log_format": Key(str, "keyvalue", _log_format),
+        "metrics": Key(bool, True),
+        "metrics_address": Key(str, "127.0.0.1", _ip_address),
+        "metrics_port": Key(int, 9464, _port),
     },
 }
 
@@ -122,6 +138,9 @@ class Config:
     status_file: Path
     log_level: str
     log_format: str
+    metrics: bool
+    metrics_address: str
+    metrics_port: int
 
 
 def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
@@ -157,8 +176,8 @@ def _validate(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for key, spec in keys.items():
             dotted = f"{section}.{key}"
             value = raw.get(section, {}).get(key, spec.default)
-            # bool is an int in Python; a TOML `true` is never a valid number here.
-            if isinstance(value, bool) or not isinstance(value, spec.type):
+            # bool is an int in Python: a TOML `true` is only valid where a bool is wanted.
+            if isinstance(value, bool) != (spec.type is bool) or not isinstance(value, spec.type):
                 raise ConfigError(
                     path, dotted, f"must be {_type_name(spec)}, got {_toml_repr(value)}"
                 )
@@ -217,13 +236,17 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         status_file=Path(v["agent"]["status_file"]),
         log_level=v["agent"]["log_level"],
         log_format=v["agent"]["log_format"],
+        metrics=v["agent"]["metrics"],
+        metrics_address=v["agent"]["metrics_address"],
+        metrics_port=v["agent"]["metrics_port"],
     )
 
 
 def _type_name(spec: Key) -> str:
     if spec.type is list:
         return f"a list of {spec.item_type.__name__ if spec.item_type else 'values'}"
-    return {str: "a string", int: "an integer"}.get(spec.type, str(spec.type))  # type: ignore[arg-type]
+    names = {str: "a string", int: "an integer", bool: "true or false"}
+    return names.get(spec.type, str(spec.type))  # type: ignore[arg-type]
 
 
 def _toml_repr(value: Any) -> str:

@@ -28,16 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from integration.lab import cni, kube, netns, procs
 from integration.lab.kube import LabError, RunningPod
+from kmesh_plugin import config as config_mod
+from kmesh_plugin.config import Config
 from kmesh_plugin.datapath import loader
 from kmesh_plugin.datapath.mounts import BPFFS_DEFAULT, cgroup2_root, ensure_bpffs
+from kmesh_plugin.ops.explain import Explanation, explain
+from kmesh_plugin.plugins import Plugins
 from kmesh_plugin.sources.inotify import Inotify
 
 STATE_ROOT = Path("/run/kmesh-lab")
@@ -86,6 +92,7 @@ class Lab:
         self.pin_root = BPFFS_DEFAULT / self.name
         self.fabric = cni.Fabric(f"{self.name}-fabric", self.name, str(self.state))
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopped_agents: set[str] = set()
         self.pods: dict[tuple[str, str], RunningPod] = {}  # (namespace, pod name)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, ns, name)
         self.cluster_ips = kube.ClusterIPs()
@@ -164,6 +171,7 @@ class Lab:
             "[agent]",
             f"status_file = {json.dumps(str(self.status_path(node)))}",
             f"log_level = {json.dumps(self.log_level)}",
+            "metrics_port = 0",  # every agent on a free port; its status file names it
         ]
         path = self.state / f"{node}.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -195,9 +203,24 @@ class Lab:
 
         The datapath stays attached throughout: the pinned links keep translating.
         """
-        proc = self.agents[node]
+        self.stop_agent(node, sig)
+        self.status_path(node).unlink(missing_ok=True)
+        self._start_agent(node)
+        self.converge()
+
+    def stop_agent(self, node: str, sig: int = signal.SIGKILL) -> None:
+        """Stop a node's agent and leave it stopped (its datapath stays attached).
+
+        Until ``start_agent``, the lab converges without it: its maps keep their last state.
+        """
+        proc = self.agents.pop(node)
         proc.send_signal(sig)
         proc.wait(timeout=30)
+        self.stopped_agents.add(node)
+        self._record()
+
+    def start_agent(self, node: str) -> None:
+        self.stopped_agents.discard(node)
         self.status_path(node).unlink(missing_ok=True)
         self._start_agent(node)
         self.converge()
@@ -506,6 +529,50 @@ class Lab:
         pod = self.client_pod(namespace, deployment, pod_name)
         return self.call(pod, {"op": "get", "url": url, "count": count,
                                "timeout": timeout})["results"]
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def node_config(self, node: str) -> Config:
+        if node not in self.nodes:
+            raise LabError(f'node "{node}" not found (nodes: {", ".join(self.nodes)})')
+        return config_mod.load(self.state / f"{node}.toml")
+
+    def explain(self, service: str, namespace: str = "default",
+                node: str | None = None) -> Explanation:
+        cfg = self.node_config(node or next(iter(self.nodes)))
+        sys.path[:0] = self.plugin_paths  # the agents' third-party plugins, as on the node
+        try:
+            plugins = Plugins.load(cfg.enabled)
+        finally:
+            del sys.path[: len(self.plugin_paths)]
+        return explain(cfg, plugins, namespace, service)
+
+    def metrics_text(self, node: str) -> str:
+        status = _read_json(self.status_path(node)) or {}
+        url = status.get("metrics")
+        if not url:
+            raise LabError(f"the agent of {node} reports no metrics endpoint")
+        with urllib.request.urlopen(url, timeout=10) as response:  # loopback only
+            return response.read().decode()
+
+    def connect_counters(self, node: str) -> dict[str, Any]:
+        """kmesh_connects_total and refusals of a node's agent, per Service and tier."""
+        services: dict[tuple[str, ...], dict[str, Any]] = {}
+        for family in text_string_to_metric_families(self.metrics_text(node)):
+            for sample in family.samples:
+                if sample.name not in ("kmesh_connects_total", "kmesh_connect_refusals_total"):
+                    continue
+                lb = sample.labels
+                key = (lb["namespace"], lb["service"], lb["port"], lb["family"])
+                svc = services.setdefault(key, {
+                    "namespace": key[0], "service": key[1], "port": key[2], "family": key[3],
+                    "tiers": {}, "refused": 0,
+                })
+                if sample.name == "kmesh_connects_total":
+                    svc["tiers"][int(lb["tier"])] = int(sample.value)
+                else:
+                    svc["refused"] = int(sample.value)
+        return {"node": node, "services": [services[k] for k in sorted(services)]}
 
 
 # -- teardown ---------------------------------------------------------------------------------

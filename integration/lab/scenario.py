@@ -23,6 +23,8 @@ The format (README "Scenario files" documents it for users)::
           min_share: 0.3        # every listed version got at least this share of answers
           refused: true         # every request refused fast (< 100 ms), none answered
       - restart_agent: {node: N, signal: KILL}   # kill a node's agent and start it again
+      - explain: {service: S, namespace: sample, node: N}  # `kmesh-plugin explain` on node N
+      - metrics: {node: N}      # the node's connect counters, from its metrics endpoint
 
 Every step may carry ``title``. Each step waits for the agents to converge before the next.
 """
@@ -30,6 +32,7 @@ Every step may carry ``title``. Each step waits for the agents to converge befor
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import sys
 from collections.abc import Callable
@@ -49,7 +52,7 @@ EXIT_FAILURE = 1
 EXIT_SCENARIO = 2
 EXIT_EXPECTATION = 3
 REFUSED_FAST_MS = 100.0
-STEP_KINDS = ("apply", "label", "delete", "request", "restart_agent")
+STEP_KINDS = ("apply", "label", "delete", "request", "restart_agent", "explain", "metrics")
 
 
 class ScenarioError(KmeshError):
@@ -147,6 +150,8 @@ def _parse_step(i: int, raw: Any, fail: Callable[[str, str], ScenarioError]) -> 
         "delete": {"kind": str, "name": str},
         "request": {"from": dict, "url": str},
         "restart_agent": {"node": str},
+        "explain": {"service": str},
+        "metrics": {"node": str},
     }[kind]
     for key, typ in need.items():
         if not isinstance(body.get(key), typ):
@@ -184,47 +189,123 @@ def _parse_step(i: int, raw: Any, fail: Callable[[str, str], ScenarioError]) -> 
 # -- running ----------------------------------------------------------------------------------
 
 
+@dataclass
+class StepRecord:
+    """What one step did, for `lab run --json`."""
+
+    index: int
+    kind: str
+    title: str
+    output: list[str] = field(default_factory=list)
+    versions: dict[str, int] | None = None  # request steps: answers by version
+    answers: dict[str, int] | None = None  # request steps: by full answer (or error)
+    expect: dict[str, Any] | None = None
+    unmet: str | None = None
+    data: Any = None  # explain and metrics steps: their JSON
+
+
 class Runner:
     def __init__(self, scenario: Scenario, out: Callable[[str], None] = print) -> None:
         self.scenario = scenario
         self.out = out
         self.unmet: list[str] = []
+        self.records: list[StepRecord] = []
 
     def run(self, lab: Lab, keep_going: bool = False) -> None:
         total = len(self.scenario.steps)
         for step in self.scenario.steps:
             header = step.title or describe(step)
             self.out(f"[{step.index + 1}/{total}] {header}")
+            record = StepRecord(step.index + 1, step.kind, header,
+                                expect=step.expect or None)
+            self.records.append(record)
             try:
-                self.run_step(lab, step)
+                self.run_step(lab, step, record)
             except Unmet as e:
+                record.unmet = str(e)
                 self.unmet.append(f"step {step.index + 1} ({header}): {e}")
                 self.out(f"  UNMET: {e}")
                 if not keep_going:
                     raise
 
-    def run_step(self, lab: Lab, step: Step) -> None:
+    def say(self, record: StepRecord, line: str) -> None:
+        record.output.append(line)
+        self.out(f"  {line}")
+
+    def run_step(self, lab: Lab, step: Step, record: StepRecord) -> None:
         b = step.body
         if step.kind == "apply":
             for line in lab.apply(b["text"], b["namespace"]):
-                self.out(f"  {line}")
+                self.say(record, line)
         elif step.kind == "label":
-            self.out(f"  {lab.label(b['node'], b['labels'])}")
+            self.say(record, lab.label(b["node"], b["labels"]))
         elif step.kind == "delete":
-            self.out(f"  {lab.delete(b['kind'], b.get('namespace'), b['name'])}")
+            self.say(record, lab.delete(b["kind"], b.get("namespace"), b["name"]))
         elif step.kind == "restart_agent":
             sig = signal.SIGKILL if b.get("signal", "KILL") == "KILL" else signal.SIGTERM
             lab.restart_agent(b["node"], sig)
-            self.out(f"  agent of {b['node']} restarted after SIG{b.get('signal', 'KILL')}")
+            self.say(record, f"agent of {b['node']} restarted after SIG{b.get('signal', 'KILL')}")
+        elif step.kind == "explain":
+            result = lab.explain(b["service"], b.get("namespace") or "default", b.get("node"))
+            record.data = result.to_json()
+            from kmesh_plugin.ops.explain import render
+
+            for line in render(result).splitlines():
+                self.say(record, line)
+        elif step.kind == "metrics":
+            counters = lab.connect_counters(b["node"])
+            record.data = counters
+            for line in render_counters(counters) or ["no connects counted yet"]:
+                self.say(record, line)
         elif step.kind == "request":
             src = b["from"]
             results = lab.request(src["namespace"], src.get("deployment"), b["url"],
                                   b.get("count", 1), pod_name=src.get("pod"))
-            for line in tally(results):
-                self.out(f"  {line}")
+            record.versions = by_version(results)
+            record.answers = dict(collections.Counter(answer_text(r) for r in results))
+            for line in chart(record.versions, len(results)) + tally(results):
+                self.say(record, line)
             check(step.expect, results)
             if step.expect:
-                self.out("  expectations met")
+                self.say(record, "expectations met")
+
+
+def answer_text(r: dict[str, Any]) -> str:
+    return r["body"].strip() if r["ok"] else f"error: {r['errno'] or r['error']}"
+
+
+def by_version(results: list[dict[str, Any]]) -> dict[str, int]:
+    counts = collections.Counter(
+        r["version"] if r["ok"] else f"error {r['errno'] or r['error']}" for r in results
+    )
+    return dict(counts.most_common())
+
+
+BAR_WIDTH = 30
+EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def chart(versions: dict[str, int], total: int) -> list[str]:
+    """A bar per version (or error), scaled to the request count: shares at a glance."""
+    if not total:
+        return []
+    width = max(len(v) for v in versions)
+    lines = []
+    for version, n in versions.items():
+        eighths = round(n / total * BAR_WIDTH * 8)
+        bar = "█" * (eighths // 8) + (EIGHTHS[eighths % 8] if eighths % 8 else "")
+        lines.append(f"{version:<{width}}  {bar:<{BAR_WIDTH}} {n:4d} {n / total:5.0%}")
+    return lines
+
+
+def render_counters(counters: dict[str, Any]) -> list[str]:
+    lines = []
+    for svc in counters["services"]:
+        tiers = ", ".join(f"tier {t}: {n}" for t, n in sorted(svc["tiers"].items()))
+        refused = f", refused: {svc['refused']}" if svc["refused"] else ""
+        lines.append(f"{svc['namespace']}/{svc['service']} port {svc['port']} {svc['family']}: "
+                     f"{tiers or 'no connects'}{refused}")
+    return lines
 
 
 def describe(step: Step) -> str:
@@ -238,6 +319,10 @@ def describe(step: Step) -> str:
         return f"delete {b['kind']} {b.get('namespace') or 'default'}/{b['name']}"
     if step.kind == "restart_agent":
         return f"restart the agent of {b['node']}"
+    if step.kind == "explain":
+        return f"explain {b.get('namespace') or 'default'}/{b['service']} from {b.get('node')}"
+    if step.kind == "metrics":
+        return f"connect counters of {b['node']}"
     src = b["from"]
     who = src.get("deployment") or f"pod {src.get('pod')}"
     return f"request {b['url']} x{b.get('count', 1)} from {src['namespace']}/{who}"
@@ -245,12 +330,7 @@ def describe(step: Step) -> str:
 
 def tally(results: list[dict[str, Any]]) -> list[str]:
     """One line per distinct answer (or error), most frequent first, like the seed's output."""
-    counts: collections.Counter[str] = collections.Counter()
-    for r in results:
-        if r["ok"]:
-            counts[r["body"].strip()] += 1
-        else:
-            counts[f"error: {r['errno'] or r['error']}"] += 1
+    counts = collections.Counter(answer_text(r) for r in results)
     return [f"{n:4d} x {text}" for text, n in counts.most_common()]
 
 
@@ -291,9 +371,33 @@ def check(expect: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 
 def execute(scenario: Scenario, *, keep_going: bool = False, verbose: bool = False,
-            out: Callable[[str], None] = print) -> int:
+            out: Callable[[str], None] = print, json_path: Path | None = None) -> int:
     """Run a scenario in a fresh lab; the exit code of `kmesh-plugin lab run`."""
     runner = Runner(scenario, out)
+    try:
+        return _execute(scenario, runner, keep_going, verbose, out)
+    finally:
+        if json_path is not None:
+            write_json(json_path, scenario, runner)
+
+
+def write_json(path: Path, scenario: Scenario, runner: Runner) -> None:
+    """Every step's record, for scripts (written also when the run fails)."""
+    doc = {
+        "scenario": str(scenario.path),
+        "passed": not runner.unmet and len(runner.records) == len(scenario.steps),
+        "unmet": runner.unmet,
+        "steps": [vars(r) for r in runner.records],
+    }
+    text = json.dumps(doc, indent=1, default=str)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        path.write_text(text + "\n")
+
+
+def _execute(scenario: Scenario, runner: Runner, keep_going: bool, verbose: bool,
+             out: Callable[[str], None]) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     lab = None
     try:
@@ -322,13 +426,21 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False) -> int:
+def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False,
+             json_path: Path | None = None) -> int:
     try:
         scenario = load(path)
     except ScenarioError as e:
         print(f"kmesh-plugin: {e}", file=sys.stderr)
         return EXIT_SCENARIO
-    return execute(scenario, keep_going=keep_going, verbose=verbose)
+    # With --json -, the JSON owns stdout and the running commentary goes to stderr.
+    out = print if str(json_path) != "-" else _to_stderr
+    return execute(scenario, keep_going=keep_going, verbose=verbose, out=out,
+                   json_path=json_path)
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def seed_path(local: bool = False) -> Path:
@@ -336,5 +448,7 @@ def seed_path(local: bool = False) -> Path:
     return Path(str(resources.files("integration") / "scenarios" / name))
 
 
-def run_seed(*, local: bool = False, keep_going: bool = False, verbose: bool = False) -> int:
-    return run_file(seed_path(local), keep_going=keep_going, verbose=verbose)
+def run_seed(*, local: bool = False, keep_going: bool = False, verbose: bool = False,
+             json_path: Path | None = None) -> int:
+    return run_file(seed_path(local), keep_going=keep_going, verbose=verbose,
+                    json_path=json_path)

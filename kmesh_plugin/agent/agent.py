@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmesh_plugin.agent.metrics import AgentMetrics
 from kmesh_plugin.agent.planner import GroupPlan, Planner
 from kmesh_plugin.agent.state import ClusterState, Impact, ServiceKey
 from kmesh_plugin.agent.status import StatusFile
@@ -33,6 +34,7 @@ from kmesh_plugin.sources.base import Batch, Source
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT = 10.0  # seconds between status rewrites while idle (status shows a hung agent)
 RETRY_MIN = 0.5  # seconds before the first retry of a failed publish
 RETRY_MAX = 30.0
 
@@ -76,6 +78,8 @@ class Agent:
         self.revision: str | None = None
         self.last: ReconcileReport | None = None
         self.stop_event = threading.Event()
+        self.lock = threading.RLock()  # held by reconciles; scrapes copy state under it
+        self.metrics: AgentMetrics | None = None
         self._warned: set[tuple[ServiceKey, str]] = set()
         # What a failed publish left undone, retried with backoff until it lands.
         self._pending: set[ServiceKey] = set()
@@ -83,6 +87,7 @@ class Agent:
         self._retry_delay = RETRY_MIN
         self._retry_at = 0.0
         self.started_at = time.time()
+        self._status_written = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -103,6 +108,11 @@ class Agent:
                     self.handle(batch)
                 elif self.retry_due():
                     self.handle(Batch())
+                elif self.writer.slots_retired():
+                    with self.lock:  # idle: delete the old sets whose grace period is over
+                        self.writer.collect()
+                elif time.time() - self._status_written > HEARTBEAT:
+                    self._write_status()
         finally:
             self.plugins.notify("kmesh_agent_stopping", node=self.node_info())
             self.source.close()
@@ -123,6 +133,26 @@ class Agent:
     # -- reconcile --------------------------------------------------------------------------
 
     def handle(self, batch: Batch) -> ReconcileReport | None:
+        with self.lock:
+            report = self._handle(batch)
+        if self.metrics is not None:
+            self._count(batch, report)
+        return report
+
+    def _count(self, batch: Batch, report: ReconcileReport | None) -> None:
+        m = self.metrics
+        assert m is not None
+        for event in batch.events:
+            m.source_events.labels(event.key.kind, "upsert" if event.obj else "delete").inc()
+        if batch.errors:
+            m.source_errors.inc(len(batch.errors))
+        m.synced.set(1 if self.synced else 0)
+        if report is not None:
+            kind = "full" if report.full else "partial"
+            m.reconcile_seconds.labels(kind).observe(report.seconds)
+            m.reconciles.labels(kind, "failed" if report.failed else "ok").inc()
+
+    def _handle(self, batch: Batch) -> ReconcileReport | None:
         started = time.perf_counter()
         impact = self.state.apply(batch.events)
         if not self.synced:
@@ -281,6 +311,7 @@ class Agent:
         return {
             "node": self.node_name,
             "pid": os.getpid(),
+            "updated_at": time.time(),
             "started_at": self.started_at,
             "synced": self.synced,
             "source_revision": self.revision,
@@ -292,12 +323,14 @@ class Agent:
                 "events": list(self.datapath.events),
                 "groups": len(self.writer.published),
                 "slots": self.writer.slots_in_use(),
+                "slots_retired": self.writer.slots_retired(),
                 "capacity": {
                     "max_services": self.datapath.capacities.max_services,
                     "max_endpoints": self.datapath.capacities.max_endpoints,
                 },
             },
             "plugins": self.plugins.names,
+            "metrics": self.metrics.url if self.metrics else None,
             "last_reconcile": None if last is None else {
                 "at": last.at,
                 "seconds": last.seconds,
@@ -314,3 +347,4 @@ class Agent:
     def _write_status(self) -> None:
         if self.status is not None:
             self.status.write(self.status_dict())
+            self._status_written = time.time()

@@ -72,6 +72,12 @@ class RecordingWriter:
     def slots_in_use(self) -> int:
         return sum(b.size for b in self.published.values())
 
+    def slots_retired(self) -> int:
+        return 0
+
+    def collect(self) -> int:
+        return 0
+
     def settle(self) -> None:
         pass
 

@@ -126,3 +126,18 @@ def test_refused_expectation_wants_fast_econnrefused_only() -> None:
         check({"refused": True}, [refused(ms=150.0)])
     with pytest.raises(Unmet, match="ENETUNREACH"):
         check({"refused": True}, [refused(err="ENETUNREACH")])
+
+
+def test_chart_scales_bars_to_the_request_count() -> None:
+    lines = scenario.chart({"a": 57, "bb": 43}, 100)
+    assert lines[0].startswith("a   ") and lines[1].startswith("bb  ")
+    bar_a = lines[0][4:].split()[0]
+    bar_b = lines[1][4:].split()[0]
+    assert bar_a == "█" * 17 + "▏"  # 57% of 30 cells = 17.1 cells
+    assert bar_b == "█" * 12 + "▉"  # 43% of 30 = 12.9
+    assert lines[0].endswith("  57   57%") and lines[1].endswith("  43   43%")
+    assert scenario.chart({"all": 20}, 20)[0].split()[1] == "█" * 30
+
+
+def test_by_version_counts_errors_apart() -> None:
+    assert scenario.by_version([ok("a"), refused(), ok("a")]) == {"a": 2, "error ECONNREFUSED": 1}

@@ -1,0 +1,128 @@
+"""Prometheus metrics of the agent (prometheus-client), served on plugin.toml's metrics port.
+
+Connect counters come from the kernel's per-CPU counters, read and summed at scrape time and
+labelled with the Service they belong to; nothing is counted in Python per connection. A
+service group's counters restart from zero when the group is removed and its id reused, which
+Prometheus' rate() treats as the counter reset it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kmesh_plugin import __version__
+from kmesh_plugin.datapath import inspect
+
+if TYPE_CHECKING:
+    from kmesh_plugin.agent.agent import Agent
+
+log = logging.getLogger(__name__)
+
+GROUP_LABELS = ["namespace", "service", "port", "family"]
+RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                     5.0, 10.0, 30.0)
+
+
+class AgentMetrics:
+    def __init__(self, node: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reconcile_seconds = Histogram(
+            "kmesh_reconcile_duration_seconds",
+            "Time from a batch of cluster changes to the maps holding them.",
+            ["kind"], buckets=RECONCILE_BUCKETS, registry=self.registry,
+        )
+        self.reconciles = Counter(
+            "kmesh_reconciles_total", "Reconciles by kind (full, partial) and result.",
+            ["kind", "result"], registry=self.registry,
+        )
+        self.source_events = Counter(
+            "kmesh_source_events_total", "Object changes the cluster source delivered.",
+            ["kind", "action"], registry=self.registry,
+        )
+        self.source_errors = Counter(
+            "kmesh_source_errors_total",
+            "Input the source rejected (a broken manifest); the last good state was kept.",
+            registry=self.registry,
+        )
+        self.synced = Gauge(
+            "kmesh_source_synced", "1 once the source delivered its complete initial state.",
+            registry=self.registry,
+        )
+        info = Gauge("kmesh_agent_info", "The agent's node and version.", ["node", "version"],
+                     registry=self.registry)
+        info.labels(node, __version__).set(1)
+        self.url: str | None = None
+        self._server = None
+
+    def attach(self, agent: Agent) -> None:
+        """Export the agent's kernel counters and map fill levels from now on."""
+        self.registry.register(KernelCollector(agent))
+        agent.metrics = self
+
+    def serve(self, address: str, port: int) -> str:
+        """Start the HTTP endpoint (port 0 picks a free one); returns its URL."""
+        server, _thread = start_http_server(port, address, registry=self.registry)
+        self._server = server
+        host = f"[{address}]" if ":" in address else address
+        self.url = f"http://{host}:{server.server_port}/metrics"
+        log.info("metrics at %s", self.url)
+        return self.url
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class KernelCollector(Collector):
+    """Reads the datapath's counters and map fill levels at scrape time."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        connects = CounterMetricFamily(
+            "kmesh_connects", "connect() calls translated, by Service and tier (0 is closest).",
+            labels=[*GROUP_LABELS, "tier"],
+        )
+        refusals = CounterMetricFamily(
+            "kmesh_connect_refusals",
+            "connect() calls refused with ECONNREFUSED: no eligible endpoint.",
+            labels=GROUP_LABELS,
+        )
+        entries = GaugeMetricFamily("kmesh_map_entries", "Entries in use per BPF map.",
+                                    labels=["map"])
+        capacity = GaugeMetricFamily("kmesh_map_capacity", "max_entries per BPF map.",
+                                     labels=["map"])
+        with self.agent.lock:  # the reconcile loop mutates these; copy under the lock
+            published = dict(self.agent.writer.published)
+            owners = {
+                frontend: (key, plan.port.name or str(plan.port.port), plan.family)
+                for key, groups in self.agent.groups_of.items()
+                for frontend, plan in groups.items()
+            }
+        dp = self.agent.datapath
+        stats = inspect.read_stats(dp)
+        for frontend, p in published.items():
+            owner = owners.get(frontend)
+            if owner is None:
+                continue
+            (ns, name), port, family = owner
+            labels = [ns, name, port, f"IPv{family}"]
+            refused = 0
+            for tier, s in sorted(stats.get(p.sid, {}).items()):
+                connects.add_metric([*labels, str(tier)], s.hits)
+                refused += s.refused
+            refusals.add_metric(labels, refused)
+        used, cap = inspect.map_fill(dp, published)
+        for name in sorted(cap):
+            entries.add_metric([name], used[name])
+            capacity.add_metric([name], cap[name])
+        yield from (connects, refusals, entries, capacity)

@@ -1,0 +1,271 @@
+"""`kmesh-plugin explain`: why a Service's connects go where they go, from a node's seat.
+
+It recomputes the intent exactly as the agent does (same source, same plugins, same planner),
+then reads the node's kernel maps back and shows which endpoints a connect can pick *now*, with
+a warning where the maps and the intent differ (an agent that is down, lagging, or failing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kmesh_plugin.agent.planner import GroupPlan, Planner
+from kmesh_plugin.agent.state import ClusterState
+from kmesh_plugin.config import Config
+from kmesh_plugin.datapath import inspect
+from kmesh_plugin.datapath.loader import Datapath
+from kmesh_plugin.datapath.records import MODE_NAMES, MODE_STRICT, Backend
+from kmesh_plugin.errors import KmeshError
+from kmesh_plugin.hookspecs import StrategySettings
+from kmesh_plugin.model import Locality
+from kmesh_plugin.plugins import Plugins
+from kmesh_plugin.sources.manifests import ManifestSource
+
+
+@dataclass
+class KernelGroup:
+    sid: int
+    active_set: int
+    generation: int
+    mode: str
+    tier_sizes: list[int]
+    pickable: list[str]  # what a connect picks from now: the first non-empty (strict: 0) tier
+    pick_tier: int | None
+    counters: dict[int, tuple[int, int]]  # tier -> (connects, refused)
+
+
+@dataclass
+class GroupExplanation:
+    frontend: str
+    port_name: str
+    family: int
+    endpoints: list[dict[str, Any]]
+    intended_tiers: list[list[str]]
+    kernel: KernelGroup | None
+    kernel_note: str | None = None
+    mismatch: str | None = None
+
+
+@dataclass
+class Explanation:
+    namespace: str
+    service: str
+    node: str
+    node_locality: Locality
+    strategy: str
+    mode: str
+    preference: list[str]
+    reason: str
+    claimed_by: str
+    ranked_by: str
+    other_claims: list[str]
+    groups: list[GroupExplanation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(vars(self))
+        out["node_locality"] = vars(self.node_locality)
+        out["groups"] = [
+            {**vars(g), "kernel": vars(g.kernel) if g.kernel else None} for g in self.groups
+        ]
+        return out
+
+
+def load_state(cfg: Config, node: str | None = None) -> ClusterState:
+    """The cluster as the configured source shows it now (one full read)."""
+    source = ManifestSource(cfg.source_path)
+    source.start()
+    try:
+        batch = source.next_batch(0)
+    finally:
+        source.close()
+    state = ClusterState(cfg.locality, node or cfg.node_name)
+    state.apply(batch.events if batch else [])
+    return state
+
+
+def explain(
+    cfg: Config,
+    plugins: Plugins,
+    namespace: str,
+    service: str,
+    node: str | None = None,
+    state: ClusterState | None = None,
+) -> Explanation:
+    node = node or cfg.node_name
+    state = state or load_state(cfg, node)
+    key = (namespace, service)
+    svc = state.services.get(key)
+    if svc is None:
+        known = sorted(f"{ns}/{n}" for ns, n in state.services if ns == namespace)
+        raise KmeshError(
+            f"Service {namespace}/{service} is not in {cfg.source_path} "
+            f"(Services in namespace {namespace}: {', '.join(known) or 'none'})"
+        )
+    planner = Planner(plugins, StrategySettings(cfg.prefer_close_scopes))
+    plan = planner.plan_service(state, key)
+    if plan is None:
+        why = "ExternalName" if svc.type == "ExternalName" else "headless (clusterIP: None)"
+        raise KmeshError(f"Service {namespace}/{service} is {why}: it is not load-balanced")
+    first = plan.groups[0] if plan.groups else None
+    expl = Explanation(
+        namespace=namespace,
+        service=service,
+        node=node,
+        node_locality=state.locality(node),
+        strategy=plan.strategy.name,
+        mode=plan.strategy.mode.value,
+        preference=[s.value for s in plan.strategy.preference],
+        reason=plan.strategy.reason,
+        claimed_by=plan.claimed_by or "(no plugin claimed it)",
+        ranked_by=first.ranked_by if first else "core",
+        other_claims=[
+            f"{c.plugin}: {c.strategy.name} (priority {c.priority}): {c.strategy.reason}"
+            for c in (first.other_claims if first else [])
+        ],
+    )
+    if plan.warning:
+        expl.warnings.append(plan.warning)
+    if node not in state.nodes:
+        expl.warnings.append(f"node {node} has no Node object in the source: its locality is "
+                             "all empty")
+
+    view = None
+    kernel_note = None
+    if node != cfg.node_name:
+        kernel_note = (f"not read: the maps at {cfg.pin_dir} belong to node {cfg.node_name}; "
+                       f"use that node's plugin.toml to read node {node}'s")
+    else:
+        try:
+            dp = Datapath.open(cfg.pin_dir)
+        except KmeshError as e:
+            kernel_note = f"not read: {e}"
+        else:
+            try:
+                view = inspect.read(dp)
+            finally:
+                dp.close()
+    for group in plan.groups:
+        expl.groups.append(_group(group, view, kernel_note))
+    for g in expl.groups:
+        if g.mismatch:
+            expl.warnings.append(f"{g.frontend}: {g.mismatch}")
+    return expl
+
+
+def _group(group: GroupPlan, view: inspect.DatapathView | None,
+           kernel_note: str | None) -> GroupExplanation:
+    names = {(r.endpoint.address, r.endpoint.port): r.endpoint.target for r in group.endpoints}
+
+    def label(b: Backend) -> str:
+        pod = names.get((str(b.ip), b.port))
+        return f"{b} ({pod})" if pod else str(b)
+
+    out = GroupExplanation(
+        frontend=str(group.frontend),
+        port_name=group.port.name,
+        family=group.family,
+        endpoints=[
+            {
+                "address": f"{r.endpoint.address}:{r.endpoint.port}",
+                "pod": r.endpoint.target,
+                "node": r.endpoint.node,
+                "locality": str(r.endpoint.locality),
+                "tier": r.tier,
+                "eligible": r.tier is not None,
+                "why": r.note,
+            }
+            for r in group.endpoints
+        ],
+        intended_tiers=[[label(b) for b in tier] for tier in group.backends.tiers],
+        kernel=None,
+        kernel_note=kernel_note,
+    )
+    if view is None:
+        return out
+    published = view.groups.get(group.frontend)
+    if published is None:
+        out.kernel_note = "no frontend in the maps"
+        out.mismatch = "the maps have no frontend for it (is the agent running and synced?)"
+        return out
+    stats = view.stats.get(published.sid, {})
+    counters = {t: (s.hits, s.refused) for t, s in sorted(stats.items())}
+    if published.backends is None:
+        out.mismatch = "the active set in the maps is incomplete"
+        out.kernel = KernelGroup(published.sid, published.set, published.generation, "?", [], [],
+                                 None, counters)
+        return out
+    kb = published.backends
+    tiers = kb.tiers[:1] if kb.mode == MODE_STRICT else kb.tiers
+    pick_tier = next((i for i, t in enumerate(tiers) if t), None)
+    out.kernel = KernelGroup(
+        sid=published.sid,
+        active_set=published.set,
+        generation=published.generation,
+        mode=MODE_NAMES.get(kb.mode, str(kb.mode)),
+        tier_sizes=[len(t) for t in kb.tiers],
+        pickable=[label(b) for b in tiers[pick_tier]] if pick_tier is not None else [],
+        pick_tier=pick_tier,
+        counters=counters,
+    )
+    if kb != group.backends:
+        out.mismatch = (
+            f"the maps differ from the intent: kernel tiers "
+            f"{[[str(b) for b in t] for t in kb.tiers]} ({out.kernel.mode}), intent "
+            f"{[[str(b) for b in t] for t in group.backends.tiers]} "
+            f"({MODE_NAMES.get(group.backends.mode)}); is the agent running and synced?"
+        )
+    return out
+
+
+def render(e: Explanation) -> str:
+    lines = [
+        f"Service {e.namespace}/{e.service}, seen from node {e.node} ({e.node_locality})",
+        f"Strategy: {e.strategy}, claimed by {e.claimed_by}"
+        + (f" because {e.reason}" if e.reason else ""),
+    ]
+    if e.mode == "random":
+        lines.append("  no routing preference: every eligible endpoint alike, at random")
+    else:
+        pref = " > ".join(e.preference) or "(the plugin ranks endpoints itself)"
+        lines.append(f"  routing preference: {pref}; mode {e.mode}; ranked by {e.ranked_by}")
+    for other in e.other_claims:
+        lines.append(f"  also claimed (lower priority): {other}")
+    for g in e.groups:
+        lines.append("")
+        lines.append(f"Frontend {g.frontend} (port {g.port_name or '-'}, IPv{g.family})")
+        rows = [("ENDPOINT", "POD", "NODE", "TIER", "ELIGIBLE", "LOCALITY")]
+        for ep in g.endpoints:
+            rows.append((
+                ep["address"], ep["pod"] or "-", ep["node"] or "-",
+                "-" if ep["tier"] is None else str(ep["tier"]),
+                ("yes: " if ep["eligible"] else "no: ") + ep["why"],
+                ep["locality"],
+            ))
+        if len(rows) == 1:
+            lines.append("  no endpoints")
+        else:
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths,
+                                                                          strict=True)).rstrip())
+        k = g.kernel
+        if k is None:
+            lines.append(f"  kernel: {g.kernel_note}")
+        else:
+            lines.append(f"  kernel: sid {k.sid}, active set {k.active_set}, generation "
+                         f"{k.generation}, {k.mode}, endpoints per tier {k.tier_sizes}")
+            if k.pick_tier is None:
+                lines.append(f"  a connect from {e.node} now: refused (ECONNREFUSED), no "
+                             "eligible endpoint")
+            else:
+                lines.append(f"  a connect from {e.node} now picks, uniformly, from tier "
+                             f"{k.pick_tier}: {', '.join(k.pickable)}")
+            if k.counters:
+                lines.append("  counters: " + ", ".join(
+                    f"tier {t}: {c} connects" + (f", {r} refused" if r else "")
+                    for t, (c, r) in k.counters.items()))
+    for w in e.warnings:
+        lines.append(f"WARNING: {w}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""`kmesh-plugin dump` and `kmesh-plugin status`: the kernel state and the agent's health."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from kmesh_plugin.agent.status import StatusFile
+from kmesh_plugin.config import Config
+from kmesh_plugin.datapath import inspect
+from kmesh_plugin.datapath.loader import Datapath
+from kmesh_plugin.errors import KmeshError
+
+STALE_AFTER = 30.0  # seconds without a status heartbeat before the agent counts as hung
+
+
+def dump(cfg: Config) -> inspect.DatapathView:
+    dp = Datapath.open(cfg.pin_dir)
+    try:
+        return inspect.read(dp)
+    finally:
+        dp.close()
+
+
+def render_dump(view: inspect.DatapathView) -> str:
+    lines = [f"datapath pinned at {view.pin_dir}"]
+    for link in view.links:
+        if link.error:
+            lines.append(f"  link {link.name}: {link.error}")
+        else:
+            lines.append(f"  link {link.name}: id {link.link_id}, program {link.prog_name} "
+                         f"(id {link.prog_id}, tag {link.prog_tag}), cgroup id {link.cgroup_id}")
+    lines.append("maps:")
+    for name in sorted(view.capacity):
+        lines.append(f"  {name:<16} {view.entries[name]:>8} / {view.capacity[name]}")
+    lines.append(f"frontends ({len(view.groups)}):")
+    for frontend, p in sorted(view.groups.items(), key=lambda i: i[1].sid):
+        g = inspect.group_json(frontend, p, view.stats.get(p.sid, {}))
+        if "error" in g:
+            lines.append(f"  {g['frontend']}  sid {p.sid}: {g['error']}")
+            continue
+        lines.append(f"  {g['frontend']}  sid {p.sid}, set {p.set}, generation {p.generation}, "
+                     f"{g['mode']}")
+        for tier, members in enumerate(g["tiers"]):
+            if members:
+                lines.append(f"    tier {tier}: {', '.join(members)}")
+        for tier, c in g["counters"].items():
+            lines.append(f"    counters tier {tier}: {c['connects']} connects, "
+                         f"{c['refused']} refused")
+    lines.append(f"ClusterIPs ({len(view.vips)}): {', '.join(map(str, view.vips)) or '-'}")
+    lines.append("enrolled: every process in the attached cgroup and below it (per-pod "
+                 "enrolment comes with the CNI entry point)")
+    return "\n".join(lines)
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {"config": str(cfg.path), "node": cfg.node_name}
+    try:
+        agent = StatusFile(cfg.status_file).read()
+    except (OSError, ValueError) as e:
+        agent = None
+        out["agent"] = {"running": False, "problem": f"no status at {cfg.status_file}: {e}"}
+    if agent is not None:
+        pid = int(agent.get("pid") or 0)
+        alive = _agent_alive(pid)
+        age = time.time() - float(agent.get("updated_at") or 0)
+        problems = []
+        if not alive:
+            problems.append(f"agent pid {pid} is not running")
+        elif age > STALE_AFTER:
+            problems.append(f"no heartbeat for {age:.0f} s")
+        if not agent.get("synced"):
+            problems.append("not synced with its source yet")
+        last = agent.get("last_reconcile") or {}
+        if last.get("errors"):
+            problems.append(f"last reconcile reported {len(last['errors'])} error(s)")
+        if (agent.get("source") or {}).get("errors"):
+            problems.append("the source has rejected input")
+        out["agent"] = {
+            "running": alive,
+            "healthy": alive and not problems,
+            "problems": problems,
+            "pid": pid,
+            "heartbeat_age_seconds": round(age, 1),
+            "synced": agent.get("synced"),
+            "source": agent.get("source"),
+            "source_revision": agent.get("source_revision"),
+            "last_reconcile": last or None,
+            "plugins": agent.get("plugins"),
+            "metrics": agent.get("metrics"),
+        }
+    try:
+        view = dump(cfg)
+    except KmeshError as e:
+        out["datapath"] = {"attached": False, "problem": str(e)}
+    else:
+        out["datapath"] = {
+            "attached": all(link.error is None for link in view.links),
+            "pin_dir": str(view.pin_dir),
+            "links": [vars(link) for link in view.links],
+            "maps": {
+                name: {
+                    "entries": view.entries[name],
+                    "capacity": view.capacity[name],
+                    "fill": round(view.entries[name] / view.capacity[name], 4),
+                }
+                for name in sorted(view.capacity)
+            },
+        }
+    return out
+
+
+def _agent_alive(pid: int) -> bool:
+    """The pid runs an agent (`kmesh-plugin run` or `python -m kmesh_plugin.cli run`)."""
+    if pid <= 0:
+        return False
+    with contextlib.suppress(OSError):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"kmesh_plugin" in cmdline or b"kmesh-plugin" in cmdline
+    return False
+
+
+def render_status(s: dict[str, Any]) -> str:
+    lines = [f"node {s['node']} ({s['config']})"]
+    agent = s["agent"]
+    if not agent.get("running") and "problem" in agent:
+        lines.append(f"agent: NOT RUNNING ({agent['problem']})")
+    else:
+        health = "healthy" if agent["healthy"] else "UNHEALTHY: " + "; ".join(agent["problems"])
+        lines.append(f"agent: pid {agent['pid']}, {health}, heartbeat "
+                     f"{agent['heartbeat_age_seconds']} s ago")
+        src = agent.get("source") or {}
+        lines.append(f"  source: {src.get('kind')} {src.get('path', '')}, synced "
+                     f"{agent['synced']}, revision {agent['source_revision']}, "
+                     f"{src.get('objects', '?')} objects")
+        for file, problem in (src.get("errors") or {}).items():
+            lines.append(f"    rejected {file}: {problem}")
+        last = agent.get("last_reconcile")
+        if last:
+            lines.append(
+                f"  last reconcile: {time.strftime('%H:%M:%S', time.localtime(last['at']))}, "
+                f"{last['seconds'] * 1000:.1f} ms, {'full' if last['full'] else 'partial'}, "
+                f"+{last['added']} ~{last['updated']} -{last['removed']} groups"
+                + (f", {len(last['errors'])} error(s)" if last.get("errors") else "")
+            )
+            for err in last.get("errors") or []:
+                lines.append(f"    {err}")
+        lines.append(f"  plugins: {', '.join(agent.get('plugins') or []) or '-'}")
+        if agent.get("metrics"):
+            lines.append(f"  metrics: {agent['metrics']}")
+    dp = s["datapath"]
+    if "problem" in dp:
+        lines.append(f"datapath: NOT ATTACHED ({dp['problem']})")
+    else:
+        lines.append(f"datapath: {'attached' if dp['attached'] else 'DETACHED'} ({dp['pin_dir']})")
+        for link in dp["links"]:
+            if link["error"]:
+                lines.append(f"  {link['name']}: {link['error']}")
+            else:
+                lines.append(f"  {link['name']}: link {link['link_id']} -> program "
+                             f"{link['prog_name']} id {link['prog_id']} tag {link['prog_tag']}")
+        for name, m in dp["maps"].items():
+            lines.append(f"  {name:<16} {m['entries']:>8} / {m['capacity']:<8} "
+                         f"{m['fill'] * 100:5.1f}%")
+    return "\n".join(lines)
