@@ -64,35 +64,26 @@ struct {
 	__type(value, struct kmesh_endpoint);
 } kmesh_slots SEC(".maps");
 
-/* Not preallocated: an entry costs memory on every possible CPU, and most (sid, tier) pairs
- * never see a connect. */
+/* An array indexed by sid: one direct lookup per connect (a hash costs ~25 ns more). It holds
+ * max_services * 72 bytes on every possible CPU. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, KMESH_MAX_SERVICES * KMESH_MAX_TIERS);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct kmesh_stats_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KMESH_MAX_SERVICES);
+	__type(key, __u32);
 	__type(value, struct kmesh_stats);
 } kmesh_stats SEC(".maps");
 
 static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
 {
-	struct kmesh_stats_key key = { .sid = sid, .tier = tier };
-	struct kmesh_stats *stats = bpf_map_lookup_elem(&kmesh_stats, &key);
+	struct kmesh_stats *stats = bpf_map_lookup_elem(&kmesh_stats, &sid);
 
-	if (!stats) {
-		struct kmesh_stats zero = {};
-
-		/* NOEXIST: another CPU may have created the entry since our lookup. */
-		bpf_map_update_elem(&kmesh_stats, &key, &zero, BPF_NOEXIST);
-		stats = bpf_map_lookup_elem(&kmesh_stats, &key);
-		if (!stats)
-			return; /* map full: losing a count beats failing the connect */
-	}
+	if (!stats)
+		return; /* sid out of range: losing a count beats failing the connect */
 	/* Per-CPU value and the program cannot migrate while it runs: no atomics needed. */
 	if (refused)
 		stats->refused++;
 	else
-		stats->hits++;
+		stats->hits[tier & (KMESH_MAX_TIERS - 1)]++; /* the mask proves the index in range */
 }
 
 static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,

@@ -80,14 +80,10 @@ struct kmesh_endpoint {
 	__u16 pad;
 };
 
-/* kmesh_stats (per-CPU): connects per (sid, tier); refusals are counted on tier 0. */
-struct kmesh_stats_key {
-	__u32 sid;
-	__u32 tier;
-};
-
+/* kmesh_stats[sid] (per-CPU): connects per tier, and refusals, of one service group. The
+ * core zeroes a sid's counters when it gives the sid to a new group. */
 struct kmesh_stats {
-	__u64 hits;
+	__u64 hits[KMESH_MAX_TIERS];
 	__u64 refused;
 };
 

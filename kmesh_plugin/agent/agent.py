@@ -340,6 +340,8 @@ class Agent:
                 "updated": last.publish.updated,
                 "removed": last.publish.removed,
                 "unchanged": last.publish.unchanged,
+                "slot_writes": last.publish.slot_writes,
+                "syscalls": last.publish.syscalls,
                 "errors": last.errors,
             },
         }

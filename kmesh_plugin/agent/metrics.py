@@ -109,7 +109,7 @@ class KernelCollector(Collector):
                 for frontend, plan in groups.items()
             }
         dp = self.agent.datapath
-        stats = inspect.read_stats(dp)
+        stats = inspect.read_stats(dp, [p.sid for p in published.values()])
         for frontend, p in published.items():
             owner = owners.get(frontend)
             if owner is None:

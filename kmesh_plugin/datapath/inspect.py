@@ -7,7 +7,7 @@ agree on what the kernel holds.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,24 +87,31 @@ def read(dp: Datapath) -> DatapathView:
         pin_dir=dp.pins.root,
         groups=groups,
         vips=sorted(vips, key=lambda ip: (ip.version, ip)),
-        stats=read_stats(dp),
+        stats=read_stats(dp, sorted({p.sid for p in groups.values()})),
         entries=entries,
         capacity=capacity,
         links=read_links(dp.pins.root),
     )
 
 
-def read_stats(dp: Datapath) -> dict[int, dict[int, TierStats]]:
-    """The per-CPU counters, summed: sid -> tier -> connects and refusals."""
-    stats: dict[int, dict[int, TierStats]] = defaultdict(dict)
+def read_stats(dp: Datapath, sids: Iterable[int]) -> dict[int, dict[int, TierStats]]:
+    """The per-CPU counters of ``sids``, summed: sid -> tier -> connects and refusals.
+
+    Tiers without a connect are left out; refusals are reported on tier 0.
+    """
+    stats: dict[int, dict[int, TierStats]] = {}
     stats_map = dp[records.MAP_STATS]
-    for key, raw in stats_map.lookup_batch():
-        k = records.STATS_KEY.unpack(key)
-        per_cpu = [records.STATS.unpack(v) for v in stats_map.split_percpu(raw)]
-        stats[k["sid"]][k["tier"]] = TierStats(
-            sum(v["hits"] for v in per_cpu), sum(v["refused"] for v in per_cpu)
-        )
-    return dict(stats)
+    for sid in sids:
+        per_cpu = [records.STATS.unpack(v)
+                   for v in stats_map.lookup_percpu(records.U32.pack(sid)) or []]
+        hits = [sum(v["hits"][t] for v in per_cpu) for t in range(records.MAX_TIERS)]
+        refused = sum(v["refused"] for v in per_cpu)
+        tiers = {t: TierStats(h, 0) for t, h in enumerate(hits) if h}
+        if refused:
+            tiers[0] = TierStats(hits[0], refused)
+        if tiers:
+            stats[sid] = tiers
+    return stats
 
 
 def map_fill(

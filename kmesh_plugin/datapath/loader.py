@@ -63,10 +63,7 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
             syscall.BPF_MAP_TYPE_HASH, records.SLOT_KEY.size, records.ENDPOINT.size,
             capacities.max_endpoints,
         ),
-        records.MAP_STATS: MapSpec(
-            syscall.BPF_MAP_TYPE_PERCPU_HASH, records.STATS_KEY.size, records.STATS.size,
-            svc * records.MAX_TIERS, syscall.BPF_F_NO_PREALLOC,
-        ),
+        records.MAP_STATS: MapSpec(syscall.BPF_MAP_TYPE_PERCPU_ARRAY, 4, records.STATS.size, svc),
     }
 
 

@@ -132,11 +132,10 @@ ENDPOINT = Layout(
     "kmesh_endpoint",
     [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("pad", "H")],
 )
-STATS_KEY = Layout("kmesh_stats_key", [Field("sid", "I"), Field("tier", "I")])
-STATS = Layout("kmesh_stats", [Field("hits", "Q"), Field("refused", "Q")])
+STATS = Layout("kmesh_stats", [Field("hits", "Q", count=MAX_TIERS), Field("refused", "Q")])
 U32 = struct.Struct("=I")
 
-ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS_KEY, STATS)
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS)
 
 
 def encode_addr(ip: IPAddress) -> bytes:

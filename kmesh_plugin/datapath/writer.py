@@ -27,7 +27,7 @@ import heapq
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kmesh_plugin.datapath import records
@@ -147,7 +147,6 @@ class MapWriter:
         if garbage:
             self.dp.barrier.wait()
             self._delete_keys(records.MAP_SLOTS, garbage)
-        self._delete_stats(lambda sid: sid not in used)
         log.info("recovered %d service groups from the maps", len(self.published),
                  extra={"garbage_slots": len(garbage)})
         return len(self.published)
@@ -198,6 +197,13 @@ class MapWriter:
             plan.append((frontend, cur.sid, 1 - cur.set, cur.generation + 1, backends))
         for frontend, backends in adds.items():
             plan.append((frontend, self._alloc_sid(), 0, 1, backends))
+        if adds:
+            # A sid may have served a removed group: its counters start again from zero.
+            stats_map = self.dp[records.MAP_STATS]
+            zero = bytes(stats_map.buffer_size)
+            self._update(records.MAP_STATS, [
+                (records.U32.pack(sid), zero) for f, sid, _, _, _ in plan if f in adds
+            ], stats)
         slot_items = [
             (records.slot_key(sid, set_, tier, i), backend.pack())
             for _, sid, set_, _, backends in plan
@@ -258,9 +264,6 @@ class MapWriter:
         keys = [k for r in ready for k in r.keys]
         if keys:
             self._delete_keys(records.MAP_SLOTS, keys)
-        freed = {r.sid for r in ready if r.frees_sid}
-        if freed:
-            self._delete_stats(freed.__contains__)
         for r in ready:
             self._busy.pop((r.sid, r.set), None)
             if r.frees_sid:
@@ -345,14 +348,6 @@ class MapWriter:
             # The batch stops at the first missing key; finish one by one.
             for key in keys:
                 self.dp[name].delete(key)
-
-    def _delete_stats(self, doomed_sid: Callable[[int], bool]) -> None:
-        doomed = [
-            k for k in self.dp[records.MAP_STATS].keys()
-            if doomed_sid(records.STATS_KEY.unpack(k)["sid"])
-        ]
-        if doomed:
-            self._delete_keys(records.MAP_STATS, doomed)
 
     def _set_keys(self, published: Published) -> list[bytes]:
         """The slot keys of a group's active set; scanned for when the set was incomplete."""

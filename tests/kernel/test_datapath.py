@@ -131,15 +131,19 @@ def test_per_cpu_counters_count_hits_per_tier_and_refusals(bed: Bed) -> None:
     client.connect(VIP, 80, count=3)
 
     sid = bed.writer.published[FRONT].sid
-    totals: dict[int, tuple[int, int]] = {}
-    stats = bed.dp[records.MAP_STATS]
-    for key in stats.keys():
-        k = records.STATS_KEY.unpack(key)
-        if k["sid"] != sid:
-            continue
-        per_cpu = [records.STATS.unpack(v) for v in stats.lookup_percpu(key) or []]
-        totals[k["tier"]] = (sum(v["hits"] for v in per_cpu), sum(v["refused"] for v in per_cpu))
-    assert totals == {0: (7, 3), 1: (5, 0)}
+    per_cpu = [records.STATS.unpack(v) for v in
+               bed.dp[records.MAP_STATS].lookup_percpu(records.U32.pack(sid)) or []]
+    hits = [sum(v["hits"][t] for v in per_cpu) for t in range(records.MAX_TIERS)]
+    assert hits == [7, 5, 0, 0, 0, 0, 0, 0]
+    assert sum(v["refused"] for v in per_cpu) == 3
+    # A new group on a recycled sid starts from zero.
+    bed.publish({FRONT: None})
+    bed.writer.settle()
+    other = Frontend(ip("198.19.0.77"), 80)
+    bed.publish({other: tiers([near], mode=MODE_FAILOVER)})
+    assert bed.writer.published[other].sid == sid
+    fresh = bed.dp[records.MAP_STATS].lookup_percpu(records.U32.pack(sid)) or []
+    assert all(records.STATS.unpack(v) == {"hits": (0,) * 8, "refused": 0} for v in fresh)
 
 
 def test_update_returns_only_after_the_new_set_is_live(bed: Bed) -> None:

@@ -183,7 +183,7 @@ def test_layout_array_too_long() -> None:
 def test_layout_offsets_follow_c_alignment() -> None:
     assert RECORD.offsets == {"generation": 0, "mode": 4, "ntiers": 5, "pad": 6, "count": 8}
     assert FRONTEND_KEY.offsets == {"addr": 0, "port": 16, "protocol": 18, "pad": 19}
-    assert records.STATS.size == 16 and records.STATS.offsets == {"hits": 0, "refused": 8}
+    assert records.STATS.size == 72 and records.STATS.offsets == {"hits": 0, "refused": 64}
 
 
 # -- the layouts against the compiled object's BTF ------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmarks: the datapath against kube-proxy's mechanisms, and the control plane."""

@@ -1,0 +1,191 @@
+"""Targets, the printed table, the JSON results and the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+TARGETS_DOC = {
+    "connect_ratio": "translated connect rate >= 0.97x direct at every N",
+    "vs_iptables": "translated connect rate >= 4x iptables at N=10000",
+    "program_cost": "program cost <= 200 ns per connect (connect4/6, every mode and N)",
+    "sync_time": "100,000-endpoint full sync <= 3 s",
+    "sync_rss": "100,000-endpoint full sync <= 200 MB agent RSS",
+    "change_p99": "single endpoint change, event to live map entry: p99 <= 10 ms",
+    "recompute_failures": "failed connects during a full recompute (own-node relabel) = 0",
+}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "iptables": _version(["iptables-legacy", "--version"]),
+        "nft": _version(["nft", "--version"]),
+    }
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "not installed"
+
+
+def by(rows: list[dict[str, Any]], n: int, path: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["n"] == n and r["path"] == path), None)
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with the measured value, pass or fail, and the margin."""
+    out = []
+    dp = results.get("datapath") or {}
+    rows = dp.get("connect") or []
+    ns = sorted({r["n"] for r in rows})
+
+    def add(key: str, value: float | None, limit: float, higher_is_better: bool,
+            unit: str, detail: str = "") -> None:
+        if value is None:
+            out.append({"target": key, "doc": TARGETS_DOC[key], "value": None, "pass": None,
+                        "margin": "not measured", "detail": detail})
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        if higher_is_better:
+            margin = f"{(value / limit - 1) * 100:+.1f}% vs {limit:g}{unit}"
+        else:
+            margin = f"{(1 - value / limit) * 100:+.1f}% under {limit:g}{unit}" if limit else ""
+        out.append({"target": key, "doc": TARGETS_DOC[key], "value": value, "unit": unit,
+                    "pass": ok, "margin": margin, "detail": detail})
+
+    ratios = []
+    for n in ns:
+        bpf, direct = by(rows, n, "bpf"), by(rows, n, "direct")
+        if bpf and direct:
+            ratios.append((bpf["rate"] / direct["rate"], n))
+    worst = min(ratios) if ratios else None
+    add("connect_ratio", worst[0] if worst else None, 0.97, True, "x",
+        f"worst at N={worst[1]}" if worst else "")
+    n_ipt = 10000 if 10000 in ns else (max(ns) if ns else None)
+    bpf, ipt = (by(rows, n_ipt, "bpf"), by(rows, n_ipt, "iptables")) if n_ipt else (None, None)
+    add("vs_iptables", bpf["rate"] / ipt["rate"] if bpf and ipt else None, 4.0, True, "x",
+        f"at N={n_ipt}")
+    costs = [c["ns_per_run"] for c in dp.get("program_cost") or [] if c["ns_per_run"]]
+    add("program_cost", max(costs) if costs else None, 200.0, False, " ns",
+        "the highest over connect4/connect6, modes and N")
+    ctl = results.get("control") or {}
+    syncs = [s for s in ctl.get("full_sync") or [] if s["endpoints"] >= 100000]
+    add("sync_time", max((s["reconcile_seconds"] for s in syncs), default=None), 3.0, False,
+        " s", "the agent's reconcile: source batch to maps; slowest shape")
+    add("sync_rss", max((s["peak_rss_mb"] for s in syncs), default=None), 200.0, False, " MB")
+    change = ctl.get("single_change")
+    add("change_p99", change["p99_ms"] if change else None, 10.0, False, " ms")
+    relabel = ctl.get("relabel")
+    add("recompute_failures", relabel["failed_connects"] if relabel else None, 0, False, "",
+        f"{relabel['connects']} connects during the recompute" if relabel else "")
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown: targets, then the datapath rates per N and path."""
+    lines = ["| target | measured | result | margin |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.3g}{t.get('unit', '')}"
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        detail = f" ({t['detail']})" if t.get("detail") else ""
+        lines.append(f"| {t['doc']} | {value}{detail} | {verdict} | {t['margin']} |")
+    dp = results.get("datapath") or {}
+    for kind, title in (("connect", "TCP connect + close"), ("request", "connect + request/"
+                                                                        "response + close")):
+        rows = dp.get(kind) or []
+        if not rows:
+            continue
+        lines += ["", f"**{title}** (median of {rows[0]['rounds']} interleaved rounds)", "",
+                  "| N Services | path | conn/s | vs direct | p50 us | p99 us | errors |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
+        for r in sorted(rows, key=lambda r: (r["n"], ["direct", "bpf", "iptables",
+                                                      "nftables"].index(r["path"]))):
+            direct = by(rows, r["n"], "direct")
+            ratio = r["rate"] / direct["rate"] if direct else float("nan")
+            errors = ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
+            lines.append(f"| {r['n']} | {r['path']} | {r['rate']:,.0f} | {ratio:.3f} | "
+                         f"{r['p50_us']:.1f} | {r['p99_us']:.1f} | {errors} |")
+    costs = dp.get("program_cost") or []
+    if costs:
+        lines += ["", "**eBPF program cost** (kernel.bpf_stats_enabled: run_time_ns / run_cnt)",
+                  "", "| N Services | mode | connect4 ns | connect6 ns |", "|---:|---|---:|---:|"]
+        keys = sorted({(c["n"], c["mode"]) for c in costs})
+        for n, mode in keys:
+            cells = []
+            for prog in ("connect4", "connect6"):
+                c = next((c for c in costs if (c["n"], c["mode"], c["program"]) ==
+                          (n, mode, prog)), None)
+                cells.append(f"{c['ns_per_run']:.0f}" if c and c["ns_per_run"] else "-")
+            lines.append(f"| {n} | {mode} | {cells[0]} | {cells[1]} |")
+    ctl = results.get("control") or {}
+    if ctl.get("full_sync"):
+        lines += ["", "**Control plane**", "",
+                  "| full sync | reconcile s | ready s | map ops/s | peak RSS MB |",
+                  "|---|---:|---:|---:|---:|"]
+        for s in ctl["full_sync"]:
+            lines.append(f"| {s['services']:,} x {s['endpoints_per_service']} | "
+                         f"{s['reconcile_seconds']:.2f} | {s['ready_seconds']:.2f} | "
+                         f"{s['map_ops_per_second']:,.0f} | {s['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (results.get("datapath") or {}).get("connect") or []
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for p, style in (("direct", "k--"), ("bpf", "C0-o"), ("iptables", "C3-s"),
+                     ("nftables", "C2-^")):
+        pts = sorted((r["n"], r["rate"], r["p99_us"]) for r in rows if r["path"] == p)
+        if not pts:
+            continue
+        label = {"bpf": "kmesh-plugin eBPF", "direct": "direct to pod IP",
+                 "iptables": "kube-proxy iptables", "nftables": "kube-proxy nftables"}[p]
+        left.plot([x[0] for x in pts], [x[1] for x in pts], style, label=label)
+        right.plot([x[0] for x in pts], [x[2] for x in pts], style, label=label)
+    for ax, ylabel in ((left, "new TCP connections / s"), (right, "p99 connect+close (us)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("Services programmed (N)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    fig.suptitle("New connections through each load balancer (median of interleaved rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "summary.md").write_text(table(results) + "\n")
+    plot(results, out / "datapath.png")
