@@ -74,6 +74,7 @@ class Agent:
         self.writer = writer or MapWriter(datapath)
         self.status = status
         self.groups_of: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
+        self._holder: dict[Frontend, ServiceKey] = {}  # who has each frontend in the maps
         self.synced = False
         self.revision: str | None = None
         self.last: ReconcileReport | None = None
@@ -224,6 +225,7 @@ class Agent:
             log.error("publish failed, maps keep their last good state: %s", e)
             return report
         self.groups_of = planned
+        self._holder = {f: key for key, groups in planned.items() for f in groups}
         return report
 
     def _partial(self, services: set[ServiceKey]) -> ReconcileReport:
@@ -248,11 +250,14 @@ class Agent:
                       extra={"services": sorted(f"{n}/{s}" for n, s in services)})
             return report
         for key in services:
-            if key in planned:
-                if planned[key]:
-                    self.groups_of[key] = planned[key]
-                else:
-                    self.groups_of.pop(key, None)
+            if key not in planned:
+                continue
+            for frontend in self.groups_of.pop(key, {}):
+                if self._holder.get(frontend) == key:
+                    del self._holder[frontend]
+            if planned[key]:
+                self.groups_of[key] = planned[key]
+                self._holder.update(dict.fromkeys(planned[key], key))
         return report
 
     def _plan(self, key: ServiceKey, report: ReconcileReport) -> dict[Frontend, GroupPlan] | None:
@@ -266,6 +271,8 @@ class Agent:
             return None
         if plan is None:
             return {}
+        for group in plan.groups:
+            group.endpoints = []  # explain recomputes them; a large cluster needs the memory
         if plan.warning and (key, plan.warning) not in self._warned:
             self._warned.add((key, plan.warning))
             log.warning(plan.warning, extra={"service": f"{key[0]}/{key[1]}"})
@@ -282,7 +289,7 @@ class Agent:
             groups = planned[key] if key in planned else self.groups_of.get(key, {})
             return frontend in groups
 
-        incumbent = {f: key for key, groups in self.groups_of.items() for f in groups}
+        incumbent = self._holder
         taken: dict[Frontend, ServiceKey] = {}
         out: dict[Frontend, BackendSet] = {}
         for key in sorted(planned):

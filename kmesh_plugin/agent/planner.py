@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from kmesh_plugin.model import (
     NO_STRATEGY,
     Claim,
     EndpointInfo,
+    Locality,
     Mode,
     NodeInfo,
     Service,
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 KERNEL_MODE = {Mode.FAILOVER: MODE_FAILOVER, Mode.STRICT: MODE_STRICT, Mode.RANDOM: MODE_RANDOM}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ranked:
     """One endpoint of a group and what the plan made of it (for ``explain``)."""
 
@@ -127,7 +129,15 @@ class Planner:
             tiers, plugin = answer
             return list(zip(endpoints, tiers, strict=True)), plugin
         pref = strategy.preference
-        return [(e, tier(client.locality, e.locality, pref)) for e in endpoints], "core"
+        # A tier depends only on the endpoint's locality: a handful of nodes, many endpoints.
+        memo: dict[Locality, int] = {}
+        ranked = []
+        for e in endpoints:
+            t = memo.get(e.locality)
+            if t is None:
+                t = memo[e.locality] = tier(client.locality, e.locality, pref)
+            ranked.append((e, t))
+        return ranked, "core"
 
 
 def endpoints_for(
@@ -150,7 +160,7 @@ def endpoints_for(
         if target is None:
             continue
         for ep in eps.endpoints:
-            address = str(ipaddress.ip_address(ep.addresses[0]))  # kube-proxy uses the first
+            address = ep.addresses[0]  # canonical text already; kube-proxy uses the first
             node = ep.node_name or ""
             locality = state.locality(node)
             if node not in state.nodes and ep.zone:
@@ -161,7 +171,8 @@ def endpoints_for(
             current = best.get(key)
             if current is None or _condition_rank(info) < _condition_rank(current):
                 best[key] = info
-    return sorted(best.values(), key=lambda e: (ipaddress.ip_address(e.address), e.port))
+    family_id = socket.AF_INET6 if family == 6 else socket.AF_INET
+    return sorted(best.values(), key=lambda e: (socket.inet_pton(family_id, e.address), e.port))
 
 
 def _condition_rank(e: EndpointInfo) -> int:
@@ -202,7 +213,7 @@ def backend_set(
         for i, _, _ in items:
             notes[i] = note
             picked.add(i)
-        return [Backend(ipaddress.ip_address(e.address), e.port) for _, e, _ in items]
+        return [Backend(e.address, e.port) for _, e, _ in items]
 
     mode = KERNEL_MODE[strategy.mode]
     if strategy.mode is Mode.STRICT:
@@ -226,7 +237,7 @@ def backend_set(
         for i, e, t in ready:
             notes[i] = f"tier {t}"
             picked.add(i)
-            by_tier[t].append(Backend(ipaddress.ip_address(e.address), e.port))
+            by_tier[t].append(Backend(e.address, e.port))
         tiers = tuple(by_tier)
     backends = BackendSet(mode, tuple(tuple(t) for t in tiers))
     rows = [Ranked(e, t if i in picked else None, notes[i]) for i, (e, t) in enumerate(ranked)]

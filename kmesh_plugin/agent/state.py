@@ -34,12 +34,17 @@ class ClusterState:
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[ServiceKey, EndpointSlice] = {}  # (namespace, slice name)
         self.slices_of: dict[ServiceKey, set[str]] = defaultdict(set)
+        self._localities: dict[str, Locality] = {}  # one shared Locality per node
 
     # -- queries ----------------------------------------------------------------------------
 
     def locality(self, node_name: str) -> Locality:
-        node = self.nodes.get(node_name)
-        return self.labels.locality_of(node_name, node.labels if node else {})
+        found = self._localities.get(node_name)
+        if found is None:
+            node = self.nodes.get(node_name)
+            found = self.labels.locality_of(node_name, node.labels if node else {})
+            self._localities[node_name] = found
+        return found
 
     def slices_for(self, service: ServiceKey) -> list[EndpointSlice]:
         ns = service[0]
@@ -71,6 +76,7 @@ class ClusterState:
                     self.nodes[key.name] = obj
                 else:
                     self.nodes.pop(key.name, None)
+                self._localities.pop(key.name, None)
                 after = self.locality(key.name)
                 if before != after:
                     impact.relabelled.append((key.name, before, after))

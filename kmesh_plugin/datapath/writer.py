@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -115,7 +115,11 @@ class MapWriter:
         self._seq = 0
         self._retired: list[_Retired] = []
         self._busy: dict[tuple[int, int], int] = {}  # (sid, set) retired -> its seq
-        self.vips: set[records.IPAddress] = set()
+        self.vips: set[records.IPAddress] = set()  # what kmesh_vips holds
+        # Kept up to date on every publish: a single change must not cost O(cluster).
+        self._ip_refs: Counter[records.IPAddress] = Counter()  # ClusterIP -> frontends
+        self._active_slots = 0
+        self._retired_slots = 0
 
     def close(self) -> None:
         self.grace.close()
@@ -128,10 +132,12 @@ class MapWriter:
         Returns the number of groups adopted.
         """
         self.published = read_table(self.dp)
+        self._active_slots = sum(p.backends.size for p in self.published.values() if p.backends)
+        self._ip_refs = Counter(f.ip for f in self.published)
         self.vips = {
             records.decode_addr(k) for k in self.dp[records.MAP_VIPS].keys()
         }
-        self._sync_vips()
+        self._sync_vips(set(self.vips) | set(self._ip_refs))
         live = {(p.sid, p.set) for p in self.published.values()}
         used = {p.sid for p in self.published.values()}
         self._next_sid = max(used, default=-1) + 1
@@ -245,10 +251,20 @@ class MapWriter:
             self._retire(old, frees_sid=frontend in removes)
         for frontend, sid, set_, gen, backends in plan:
             self.published[frontend] = Published(sid, set_, gen, backends)
+            self._active_slots += backends.size
         for frontend in removes:
             del self.published[frontend]
         # ClusterIPs follow their frontends: added after them, removed after the last one.
-        stats.syscalls += self._sync_vips()
+        touched = set()
+        for frontend in adds:
+            self._ip_refs[frontend.ip] += 1
+            touched.add(frontend.ip)
+        for frontend in removes:
+            self._ip_refs[frontend.ip] -= 1
+            if self._ip_refs[frontend.ip] <= 0:
+                del self._ip_refs[frontend.ip]
+            touched.add(frontend.ip)
+        stats.syscalls += self._sync_vips(touched)
         self.grace.request(self._seq)
         stats.added, stats.updated, stats.removed = len(adds), len(updates), len(removes)
         stats.seconds = time.perf_counter() - started
@@ -262,6 +278,7 @@ class MapWriter:
             return 0
         self._retired = [r for r in self._retired if r.seq > safe]
         keys = [k for r in ready for k in r.keys]
+        self._retired_slots -= len(keys)
         if keys:
             self._delete_keys(records.MAP_SLOTS, keys)
         for r in ready:
@@ -280,10 +297,11 @@ class MapWriter:
 
     def slots_in_use(self) -> int:
         """Slots of the active sets."""
-        return sum(p.backends.size for p in self.published.values() if p.backends)
+        return self._active_slots
 
     def slots_retired(self) -> int:
-        return sum(len(r.keys) for r in self._retired)
+        """Slots of sets switched away from, deleted once their grace period is over."""
+        return self._retired_slots
 
     def _make_room(
         self, adds: Mapping[Frontend, BackendSet], updates: Mapping[Frontend, BackendSet]
@@ -308,23 +326,26 @@ class MapWriter:
         if len(self._free_sids) < len(adds) and self._next_sid + len(adds) > caps.max_services:
             self.settle()  # removed groups' sids come back once reclaimed
 
-    def _sync_vips(self) -> int:
-        """Make kmesh_vips hold the ClusterIPs of the published frontends; returns syscalls."""
-        want = {f.ip for f in self.published}
-        add = [records.vip_key(ip) for ip in want - self.vips]
-        drop = [records.vip_key(ip) for ip in self.vips - want]
+    def _sync_vips(self, touched: set[records.IPAddress]) -> int:
+        """Make kmesh_vips agree with the frontends for the ClusterIPs in ``touched``;
+        returns the syscalls made."""
+        add = [ip for ip in touched if ip in self._ip_refs and ip not in self.vips]
+        drop = [ip for ip in touched if ip not in self._ip_refs and ip in self.vips]
         calls = 0
         if add:
-            self.dp[records.MAP_VIPS].update_batch([(key, b"\1") for key in add])
+            self.dp[records.MAP_VIPS].update_batch([(records.vip_key(ip), b"\1") for ip in add])
+            self.vips.update(add)
             calls += 1
         if drop:
-            self._delete_keys(records.MAP_VIPS, drop)
+            self._delete_keys(records.MAP_VIPS, [records.vip_key(ip) for ip in drop])
+            self.vips.difference_update(drop)
             calls += 1
-        self.vips = want
         return calls
 
     def _retire(self, old: Published, frees_sid: bool) -> None:
         keys = self._set_keys(old)
+        self._active_slots -= old.backends.size if old.backends else 0
+        self._retired_slots += len(keys)
         self._retired.append(_Retired(self._seq, old.sid, old.set, keys, frees_sid))
         self._busy[(old.sid, old.set)] = self._seq
 

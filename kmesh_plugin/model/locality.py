@@ -23,7 +23,13 @@ class Scope(StrEnum):
     NODE = "NODE"
 
 
-@dataclass(frozen=True)
+_FIELD = {
+    Scope.NETWORK: "network", Scope.REGION: "region", Scope.ZONE: "zone",
+    Scope.SUBZONE: "subzone", Scope.NODE: "node",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Locality:
     network: str = ""
     region: str = ""
@@ -32,7 +38,7 @@ class Locality:
     node: str = ""
 
     def get(self, scope: Scope) -> str:
-        return getattr(self, scope.value.lower())
+        return getattr(self, _FIELD[scope])
 
     def __str__(self) -> str:
         return "/".join(

@@ -6,7 +6,7 @@ Only the fields that matter for load balancing are kept. A malformed object rais
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +76,7 @@ class Service:
         return self.type != "ExternalName" and not self.headless
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conditions:
     ready: bool | None = None
     serving: bool | None = None
@@ -93,7 +93,7 @@ class Conditions:
         return bool(serving) and bool(self.terminating)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SliceEndpoint:
     addresses: tuple[str, ...]
     conditions: Conditions = Conditions()
@@ -120,6 +120,29 @@ class EndpointSlice:
 
 
 KubeObject = Node | Namespace | Service | EndpointSlice
+
+_CONDITIONS: dict[tuple[bool | None, bool | None, bool | None], Conditions] = {}
+
+
+def conditions(ready: bool | None, serving: bool | None, terminating: bool | None) -> Conditions:
+    """One shared, immutable Conditions per combination: a large slice holds thousands."""
+    key = (ready, serving, terminating)
+    found = _CONDITIONS.get(key)
+    if found is None:
+        found = _CONDITIONS[key] = Conditions(ready, serving, terminating)
+    return found
+
+
+def canonical_ip(value: Any) -> str | None:
+    """The canonical text of an IP address (inet_ntop's), or None. Much faster than
+    ipaddress for the hundred thousand endpoint addresses of a large cluster."""
+    if not isinstance(value, str):
+        return None
+    family = socket.AF_INET6 if ":" in value else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, value))
+    except OSError:
+        return None
 
 
 def object_key(obj: Mapping[str, Any], where: str = "") -> ObjectKey:
@@ -159,9 +182,11 @@ def _service(p: _Parser, key: ObjectKey) -> Service:
         ips = (single,)
     if single and ips and single != ips[0]:
         p.fail("spec.clusterIP", f"{single!r} differs from spec.clusterIPs[0] {ips[0]!r}")
-    for i, ip in enumerate(ips):
-        if ip != "None":
-            p.check_ip(f"spec.clusterIPs[{i}]" if from_list else "spec.clusterIP", ip)
+    ips = tuple(
+        ip if ip == "None"
+        else p.check_ip(f"spec.clusterIPs[{i}]" if from_list else "spec.clusterIP", ip)
+        for i, ip in enumerate(ips)
+    )
     ports = []
     for i, raw in enumerate(p.list("spec.ports")):
         where = f"spec.ports[{i}]"
@@ -217,8 +242,10 @@ def _endpoint_slice(p: _Parser, key: ObjectKey) -> EndpointSlice:
         if not isinstance(addresses, list) or not addresses:
             p.fail(f"{where}.addresses", "must be a non-empty list")
         if address_type != "FQDN":
-            for j, a in enumerate(addresses):
+            addresses = [
                 p.check_ip(f"{where}.addresses[{j}]", a, 4 if address_type == "IPv4" else 6)
+                for j, a in enumerate(addresses)
+            ]
         cond = raw.get("conditions") or {}
         if not isinstance(cond, Mapping):
             p.fail(f"{where}.conditions", "must be a mapping")
@@ -229,7 +256,7 @@ def _endpoint_slice(p: _Parser, key: ObjectKey) -> EndpointSlice:
         endpoints.append(
             SliceEndpoint(
                 addresses=tuple(str(a) for a in addresses),
-                conditions=Conditions(cond.get("ready"), cond.get("serving"),
+                conditions=conditions(cond.get("ready"), cond.get("serving"),
                                       cond.get("terminating")),
                 node_name=raw.get("nodeName"),
                 zone=raw.get("zone"),
@@ -295,11 +322,12 @@ class _Parser:
         # YAML turns `true` or `1` into non-strings; Kubernetes stores strings.
         return {str(k): "" if v is None else str(v) for k, v in value.items()}
 
-    def check_ip(self, path: str, value: Any, version: int | None = None) -> None:
-        try:
-            ip = ipaddress.ip_address(value)
-        except ValueError:
+    def check_ip(self, path: str, value: Any, version: int | None = None) -> str:
+        """``value`` as canonical text (what inet_ntop prints), or a failure naming ``path``."""
+        text = canonical_ip(value)
+        if text is None:
             self.fail(path, f"{value!r} is not an IP address")
-            return
-        if version is not None and ip.version != version:
+            raise AssertionError  # fail() raised
+        if version is not None and (":" in text) != (version == 6):
             self.fail(path, f"{value} is not an IPv{version} address")
+        return text

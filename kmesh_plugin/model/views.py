@@ -19,7 +19,7 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointInfo:
     """One endpoint of one service port, in one IP family.
 

@@ -7,7 +7,7 @@ a warning where the maps and the intent differ (an agent that is down, lagging, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kmesh_plugin.agent.planner import GroupPlan, Planner
@@ -65,7 +65,7 @@ class Explanation:
 
     def to_json(self) -> dict[str, Any]:
         out = dict(vars(self))
-        out["node_locality"] = vars(self.node_locality)
+        out["node_locality"] = asdict(self.node_locality)
         out["groups"] = [
             {**vars(g), "kernel": vars(g.kernel) if g.kernel else None} for g in self.groups
         ]

@@ -269,3 +269,31 @@ def test_every_layout_matches_the_btf(btf: dict[int, dict[str, Any]]) -> None:
 def test_constants_match_the_btf_arrays(btf: dict[int, dict[str, Any]]) -> None:
     count = next(m for m in _struct(btf, "kmesh_record")["members"] if m["name"] == "count")
     assert _resolve(btf, count["type_id"])["nr_elems"] == MAX_TIERS
+
+
+@pytest.mark.parametrize("layout", records.ALL_LAYOUTS, ids=lambda layout: layout.c_name)
+def test_fast_packing_matches_the_declaration(layout: records.Layout) -> None:
+    """pack_fields (one precompiled struct) and pack (field by field) write the same bytes."""
+    values: dict[str, object] = {}
+    positional: list[object] = []
+    for i, field in enumerate(layout.fields):
+        if field.code.endswith("s"):
+            value: object = bytes(range(i, i + field.size))
+            values[field.name] = value
+            positional.append(value)
+        elif field.count > 1:
+            items = [i * 10 + k for k in range(field.count)]
+            values[field.name] = items
+            positional.extend(items)
+        else:
+            values[field.name] = i + 3
+            positional.append(i + 3)
+    assert layout.pack_fields(*positional) == layout.pack(values)
+
+
+def test_backend_packs_like_the_endpoint_layout() -> None:
+    for text, port in (("198.18.1.2", 8080), ("2001:2::7", 443)):
+        b = Backend(text, port)
+        assert b.pack() == records.ENDPOINT.pack(
+            {"addr": records.encode_addr(ipaddress.ip_address(text)), "port": port})
+        assert Backend.unpack(b.pack()) == b == Backend(ipaddress.ip_address(text), port)
