@@ -4,13 +4,15 @@
 #   integration/run.sh setup     install what is missing (apt + a venv in .venv), nothing else
 #   integration/run.sh seed      set up, then run the seed experiment in the lab
 #   integration/run.sh test      set up, then lint and run every test (kernel and lab included)
+#   integration/run.sh bench     set up, then run every benchmark (README "Performance")
 #
 # Extra arguments go to the job: `run.sh seed --local`, `run.sh test -k lab -x`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${KMESH_VENV:-$ROOT/.venv}
-APT_PACKAGES=(clang bpftool libbpf-dev iproute2 containernetworking-plugins gcc python3-venv)
+APT_PACKAGES=(clang bpftool libbpf-dev iproute2 containernetworking-plugins gcc python3-venv
+              iptables nftables conntrack)
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "run.sh: needs root (eBPF programs, cgroups, network namespaces)" >&2
@@ -26,6 +28,9 @@ apt_missing() {
     [[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local ]] || missing+=(containernetworking-plugins)
     command -v gcc >/dev/null || missing+=(gcc)
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    command -v iptables-legacy-restore >/dev/null || missing+=(iptables)
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v conntrack >/dev/null || missing+=(conntrack)
     echo "${missing[@]}"
 }
 
@@ -65,8 +70,13 @@ case "$job" in
         "$VENV/bin/ruff" check .
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    bench)
+        setup
+        cd "$ROOT"
+        exec "$VENV/bin/python" -m integration.bench "$@"
+        ;;
     *)
-        sed -n '2,8p' "$0" >&2
+        sed -n '2,9p' "$0" >&2
         exit 2
         ;;
 esac

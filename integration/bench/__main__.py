@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="small N, short windows, one round")
     p.add_argument("--ns", default="1,1000,10000,100000", help="numbers of Services")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--window", type=float, default=1.0, help="seconds per measured run")
     p.add_argument("--threads", type=int, default=0,
                    help="client threads (0: the fewest that saturate the direct path)")
@@ -94,7 +94,7 @@ def run_datapath(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict
                 print(f"  {mode} {r.path:<9} {s['rate']:>10,.0f} conn/s  p50 {s['p50_us']:7.1f} us"
                       f"  p99 {s['p99_us']:7.1f} us  errors {s['errors'] or '-'}")
         cost = datapath.program_cost(net, programmed, window=args.window, threads=1,
-                                     repeats=1 if args.quick else 3)
+                                     repeats=1 if args.quick else 5)
         out["program_cost"] += cost
         for c in cost:
             print(f"  cost {c['program']} {c['mode']:<8} {c['ns_per_run']:.0f} ns/run "

@@ -25,7 +25,10 @@ from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.bpftool import Bpftool
 from kmesh_plugin.datapath.records import Backend, BackendSet, Frontend
 
-PATHS = ("direct", "bpf", "iptables", "nftables")
+PATHS = ("direct", "bpf", "iptables", "iptables-last", "nftables")
+# The pod (and cgroup) each path's client runs in.
+CLIENT_OF = {"direct": "direct", "bpf": "bpf", "iptables": "iptables",
+             "iptables-last": "iptables", "nftables": "nftables"}
 # Each path's Services live in their own part of 198.19.0.0/16.
 VIP_BASE = {"bpf": "198.19.0.0", "iptables": "198.19.64.0", "nftables": "198.19.128.0"}
 VIP6 = "2001:2:0:ff::10"
@@ -62,10 +65,15 @@ def route_vips(net: BenchNet) -> None:
 
 def program(net: BenchNet, n: int, *, skip: frozenset[str] = frozenset(),
             log: Log = print) -> Programmed:
-    """Program N Services into every path; return each path's target address."""
+    """Program N Services into every path; return each path's target address.
+
+    The measured Service is number N/2: the middle of kube-proxy's KUBE-SERVICES chain, the
+    average case. "iptables-last" measures the last Service of that chain, its worst case.
+    """
     server = net.pods["server"].ipv4
     out = Programmed(n)
     target = n // 2
+    last = n - 1
     out.targets["direct"] = (server, SERVER_PORT)
 
     started = time.perf_counter()
@@ -84,9 +92,10 @@ def program(net: BenchNet, n: int, *, skip: frozenset[str] = frozenset(),
     for path in ("iptables", "nftables"):
         if path in skip:
             continue
+        real = {target, last}
         services = [
             kubeproxy.ServicePort("bench", f"svc-{i}", "http", *vip(path, i),
-                                  ((server if i == target else dummy_endpoint(i),
+                                  ((server if i in real else dummy_endpoint(i),
                                     SERVER_PORT),))
             for i in range(n)
         ]
@@ -95,9 +104,11 @@ def program(net: BenchNet, n: int, *, skip: frozenset[str] = frozenset(),
             kubeproxy.load_iptables(net.pods[path].netns, services)
         else:
             kubeproxy.load_nft(net.pods[path].netns, services,
-                               numgen_for={services[target].ref})
+                               numgen_for={services[target].ref, services[last].ref})
         out.seconds[path] = time.perf_counter() - started
         out.targets[path] = vip(path, target)
+        if path == "iptables":
+            out.targets["iptables-last"] = vip(path, last)
         log(f"  N={n}: {path} rules loaded in {out.seconds[path]:.1f} s")
     return out
 
@@ -110,6 +121,7 @@ class PathResult:
     rates: list[float] = field(default_factory=list)
     p50_us: list[float] = field(default_factory=list)
     p99_us: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # to the direct run of the same round
     errors: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -117,6 +129,9 @@ class PathResult:
             "path": self.path, "n": self.n, "mode": self.mode,
             "rate": statistics.median(self.rates),
             "rate_min": min(self.rates), "rate_max": max(self.rates),
+            # Paired: each round's rate over the direct rate of that round, then the median.
+            # Rounds drift with the machine; pairs measured seconds apart mostly do not.
+            "ratio_to_direct": statistics.median(self.ratios) if self.ratios else None,
             "p50_us": statistics.median(self.p50_us),
             "p99_us": statistics.median(self.p99_us),
             "errors": self.errors, "rounds": len(self.rates),
@@ -132,15 +147,22 @@ def measure(net: BenchNet, programmed: Programmed, *, mode: str, rounds: int, wi
     for _ in range(rounds):
         order = paths[:]
         rng.shuffle(order)
+        this_round = {}
         for path in order:
             address, port = programmed.targets[path]
-            run = net.client(path, address, port, mode, window, threads)
+            client = CLIENT_OF[path]
+            run = net.client(client, address, port, mode, window, threads)
+            if client in ("iptables", "nftables"):
+                net.flush_conntrack(client)
             r = results[path]
             r.rates.append(float(run["rate"]))
             r.p50_us.append(float(run["p50_us"]))
             r.p99_us.append(float(run["p99_us"]))
+            this_round[path] = float(run["rate"])
             for err, count in run["errors"].items():
                 r.errors[err] = r.errors.get(err, 0) + int(count)
+        for path, rate in this_round.items():
+            results[path].ratios.append(rate / this_round["direct"])
     return [results[p] for p in paths]
 
 
@@ -167,7 +189,7 @@ STRATEGY_SHAPES = {
 
 
 def program_cost(net: BenchNet, programmed: Programmed, *, window: float,
-                 threads: int, repeats: int = 3) -> list[dict[str, Any]]:
+                 threads: int, repeats: int = 5) -> list[dict[str, Any]]:
     """Nanoseconds per run of connect4 and connect6 per strategy mode (kernel.bpf_stats):
     the median of ``repeats`` windows, each run_time_ns / run_cnt over the window."""
     assert net.writer is not None and net.dp is not None

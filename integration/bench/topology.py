@@ -21,6 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from integration.lab import cluster, cni, netns, procs
 from kmesh_plugin.datapath import loader
@@ -90,7 +91,9 @@ class BenchNet:
             "pin_root": str(self.pin_root), "netns_prefix": self.name, "agents": {},
         }))
         ensure_bpffs(BPFFS_DEFAULT)
-        for client in ("bpf", "agent"):
+        # Every client in a cgroup of its own, side by side: only bpf's and agent's have a
+        # program attached, so the paths differ in nothing but their load balancer.
+        for client in CLIENTS:
             procs.make_cgroup(str(self.cgroup_of(client)))
         self.fabric.create()
         for i, name in enumerate(("server", *CLIENTS), start=1):
@@ -127,9 +130,9 @@ class BenchNet:
             print(f"bench cleanup: {p}")
 
     def client(self, client: str, address: str, port: int, mode: str, seconds: float,
-               threads: int) -> dict[str, object]:
-        """One loadgen client run from ``client``'s pod (and cgroup, for bpf/agent)."""
-        cgroup = str(self.cgroup_of(client)) if client in ("bpf", "agent") else None
+               threads: int) -> dict[str, Any]:
+        """One loadgen client run from ``client``'s pod and cgroup."""
+        cgroup = str(self.cgroup_of(client))
         proc = procs.spawn(
             [str(self.loadgen), "client", address, str(port), mode,
              str(max(1, int(seconds * 1000))), str(threads)],
@@ -142,7 +145,7 @@ class BenchNet:
 
     def spawn_client(self, client: str, address: str, port: int, mode: str, seconds: float,
                      threads: int) -> subprocess.Popen[bytes]:
-        cgroup = str(self.cgroup_of(client)) if client in ("bpf", "agent") else None
+        cgroup = str(self.cgroup_of(client))
         proc = procs.spawn(
             [str(self.loadgen), "client", address, str(port), mode,
              str(max(1, int(seconds * 1000))), str(threads)],
@@ -150,6 +153,16 @@ class BenchNet:
         )
         self.processes.append(proc)
         return proc
+
+
+    def flush_conntrack(self, client: str) -> None:
+        """Drop a client's conntrack entries: expiring tens of thousands of them later would
+        spend CPU while the next path is being measured."""
+        proc = procs.spawn(["conntrack", "-F"], netns=self.pods[client].netns_path, cgroup=None,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"conntrack -F in {client}: {err.decode(errors='replace')}")
 
 
 def build_loadgen(build_dir: Path) -> Path:

@@ -1,0 +1,62 @@
+"""The benchmark suite runs end to end (its --quick mode): every figure is produced, every
+path actually carried connections, and the targets are judged.
+
+The real figures come from `integration/run.sh bench` (README "Performance"); this test makes
+sure that command keeps working, not that a noisy CI machine meets the targets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from integration.bench.__main__ import main
+
+pytestmark = pytest.mark.lab
+
+
+def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
+                                               tmp_path: Path) -> None:
+    for tool in ("gcc", "iptables-legacy-restore", "nft"):
+        if shutil.which(tool) is None:
+            from conftest import missing
+
+            missing(f"{tool} is not installed (integration/run.sh installs it)")
+    out = tmp_path / "results"
+    assert main(["--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+
+    dp = results["datapath"]
+    assert [s["threads"] for s in dp["saturation"]] == [1, 2, 3, 4]
+    for kind in ("connect", "request"):
+        rows = dp[kind]
+        assert {(r["n"], r["path"]) for r in rows} == {
+            (n, p) for n in (1, 100)
+            for p in ("direct", "bpf", "iptables", "iptables-last", "nftables")}
+        for r in rows:
+            # Every path carried connections, so each load balancer really translated: an
+            # untranslated ClusterIP is unreachable from these pods.
+            assert r["rate"] > 1000 and r["errors"] == {}, r
+    costs = dp["program_cost"]
+    assert {(c["mode"], c["program"]) for c in costs} == {
+        (m, p) for m in ("random", "failover", "strict") for p in ("connect4", "connect6")}
+    assert all(c["ns_per_run"] and 20 < c["ns_per_run"] < 5000 and not c["errors"]
+               for c in costs), costs
+
+    ctl = results["control"]
+    (sync,) = ctl["full_sync"]
+    assert sync["groups"] == 200 and sync["endpoints"] == 1000
+    assert ctl["single_change"]["changes"] == 20 and ctl["single_change"]["p99_ms"] > 0
+    assert ctl["relabel"]["full"] is True and ctl["relabel"]["failed_connects"] == 0
+    assert ctl["relabel"]["connects"] > 1000
+
+    targets = {t["target"]: t for t in results["targets"]}
+    assert set(targets) == {"connect_ratio", "vs_iptables", "program_cost", "sync_time",
+                            "sync_rss", "change_p99", "recompute_failures"}
+    assert targets["recompute_failures"]["pass"] is True
+    summary = (out / "summary.md").read_text()
+    assert "| translated connect rate >= 0.97x direct at every N |" in summary
+    assert (out / "datapath.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
