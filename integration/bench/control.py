@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from integration.bench.topology import SERVER_PORT, BenchNet
+from integration.lab import procs
 from kmesh_plugin.datapath import records
+from kmesh_plugin.datapath.inspect import read_stats
 from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.records import Frontend
 from kmesh_plugin.sources.inotify import Inotify
@@ -252,8 +254,6 @@ def _changes(dp: Datapath, manifests: Path, services: int, endpoints: int,
 
 def _await_connects(pin_dir: Path, count: int, timeout: float = 10.0) -> None:
     """Until the datapath has translated ``count`` connects to the target."""
-    from kmesh_plugin.datapath.inspect import read_stats
-
     dp = Datapath.open(pin_dir)
     try:
         raw = dp[records.MAP_FRONTENDS].lookup(
@@ -290,8 +290,6 @@ def relabel_under_load(net: BenchNet, services: int, endpoints: int,
     try:
         agent.wait("2")
         # A second server port, so the target's two endpoints are distinct backends.
-        from integration.lab import procs
-
         extra = procs.spawn([str(net.loadgen), "server", str(SERVER_PORT + 1), "1"],
                             netns=net.pods["server"].netns_path, cgroup=None)
         procs.LineReader(extra.stdout).expect("ready", 10)  # type: ignore[arg-type]
@@ -316,7 +314,5 @@ def relabel_under_load(net: BenchNet, services: int, endpoints: int,
         return result
     finally:
         if extra is not None:
-            from integration.lab import procs
-
             procs.stop(extra)
         agent.stop()

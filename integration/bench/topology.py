@@ -14,6 +14,7 @@ lab's. Everything carries the lab's prefix and is recorded in /run/kmesh-lab/<id
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -168,8 +169,6 @@ class BenchNet:
 def build_loadgen(build_dir: Path) -> Path:
     """Compile loadgen.c (gcc -O2) into build_dir, once per source version."""
     src = Path(__file__).with_name("loadgen.c")
-    import hashlib
-
     out = build_dir / f"loadgen-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
     if not out.exists():
         build_dir.mkdir(parents=True, exist_ok=True)
