@@ -130,31 +130,26 @@ class BenchNet:
         for p in problems:
             print(f"bench cleanup: {p}")
 
-    def client(self, client: str, address: str, port: int, mode: str, seconds: float,
-               threads: int) -> dict[str, Any]:
-        """One loadgen client run from ``client``'s pod and cgroup."""
-        cgroup = str(self.cgroup_of(client))
-        proc = procs.spawn(
-            [str(self.loadgen), "client", address, str(port), mode,
-             str(max(1, int(seconds * 1000))), str(threads)],
-            netns=self.pods[client].netns_path, cgroup=cgroup,
-        )
-        out, _ = proc.communicate(timeout=seconds + 60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"loadgen client in {client}: exit {proc.returncode}")
-        return json.loads(out)
-
     def spawn_client(self, client: str, address: str, port: int, mode: str, seconds: float,
                      threads: int) -> subprocess.Popen[bytes]:
-        cgroup = str(self.cgroup_of(client))
+        """Start a loadgen client in ``client``'s pod and cgroup; it stops after ``seconds``."""
         proc = procs.spawn(
             [str(self.loadgen), "client", address, str(port), mode,
              str(max(1, int(seconds * 1000))), str(threads)],
-            netns=self.pods[client].netns_path, cgroup=cgroup,
+            netns=self.pods[client].netns_path, cgroup=str(self.cgroup_of(client)),
         )
         self.processes.append(proc)
         return proc
 
+    def client(self, client: str, address: str, port: int, mode: str, seconds: float,
+               threads: int) -> dict[str, Any]:
+        """One loadgen client run; its JSON report."""
+        proc = self.spawn_client(client, address, port, mode, seconds, threads)
+        out, _ = proc.communicate(timeout=seconds + 60)
+        self.processes.remove(proc)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadgen client in {client}: exit {proc.returncode}")
+        return json.loads(out)
 
     def flush_conntrack(self, client: str) -> None:
         """Drop a client's conntrack entries: expiring tens of thousands of them later would

@@ -112,13 +112,14 @@ class Datapath:
     def open(cls, pin_dir: Path) -> Datapath:
         """Open an existing datapath read-write without loading anything (dump, explain)."""
         pins = Pins(pin_dir)
-        missing = [n for n in (*map_specs(Capacities(1, 1)), BARRIER) if not pins.map(n).exists()]
+        names = list(map_specs(Capacities(1, 1)))  # the names; capacities come from the pins
+        missing = [n for n in (*names, BARRIER) if not pins.map(n).exists()]
         if missing:
             raise DatapathError(
                 f"no datapath pinned at {pin_dir} (missing {', '.join(missing)}); "
                 "is the agent running with this pin_dir?"
             )
-        maps = {n: syscall.Map.open_pinned(pins.map(n)) for n in map_specs(Capacities(1, 1))}
+        maps = {n: syscall.Map.open_pinned(pins.map(n)) for n in names}
         caps = Capacities(
             maps[records.MAP_FRONTENDS].max_entries, maps[records.MAP_SLOTS].max_entries
         )
