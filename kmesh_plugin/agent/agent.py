@@ -107,12 +107,15 @@ class Agent:
                 batch = self.source.next_batch(timeout=0.2)
                 if batch is not None:
                     self.handle(batch)
-                elif self.retry_due():
+                    continue
+                # Idle: retry what failed, delete the old sets whose grace period is over,
+                # and keep the status fresh so `status` can tell a hung agent.
+                if self.retry_due():
                     self.handle(Batch())
-                elif self.writer.slots_retired():
-                    with self.lock:  # idle: delete the old sets whose grace period is over
+                if self.writer.slots_retired():
+                    with self.lock:
                         self.writer.collect()
-                elif time.time() - self._status_written > HEARTBEAT:
+                if time.time() - self._status_written > HEARTBEAT:
                     self._write_status()
         finally:
             self.plugins.notify("kmesh_agent_stopping", node=self.node_info())
