@@ -90,7 +90,8 @@ class Lab:
         self.print = printer or (lambda _line: None)
         self.cgroup = Path(cgroup2_root()) / self.name
         self.pin_root = BPFFS_DEFAULT / self.name
-        self.fabric = cni.Fabric(f"{self.name}-fabric", self.name, str(self.state))
+        self.fabric = cni.Fabric(f"{self.name}-fabric", self.name, str(self.state),
+                                 ipv6_subnet=kube.POD_CIDR6)
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.stopped_agents: set[str] = set()
         self.pods: dict[tuple[str, str], RunningPod] = {}  # (namespace, pod name)
@@ -412,10 +413,11 @@ class Lab:
                                                     "procs": []})
         self.pods[(spec.namespace, spec.name)] = pod
         address = self.fabric.add_pod(
-            ns_name, container_id, ip_range=(f"198.18.{node_index}.10",
-                                             f"198.18.{node_index}.250"),
+            ns_name, container_id,
+            ip_range=(f"198.18.{node_index}.10", f"198.18.{node_index}.250"),
+            ipv6_range=(f"2001:2::{node_index:x}:10", f"2001:2::{node_index:x}:ffff"),
         )
-        pod.ip = address.ipv4
+        pod.ip, pod.ipv6 = address.ipv4, address.ipv6
         pod_cgroup = self.cgroup / node / spec.name
         procs.make_cgroup(str(pod_cgroup))
         pod.extra["cgroup"] = str(pod_cgroup)
@@ -436,7 +438,8 @@ class Lab:
         for _c, _proc, reader in pod.extra["procs"]:
             reader.expect("ready", START_TIMEOUT)  # kubelet's readiness probe
         pod.ready = True
-        self.print(f"  pod {spec.namespace}/{spec.name} running on {node} at {pod.ip}")
+        self.print(f"  pod {spec.namespace}/{spec.name} running on {node} at {pod.ip}, "
+                   f"{pod.ipv6}")
         return pod
 
     def _delete_pods(self, pods: list[RunningPod]) -> None:
@@ -525,10 +528,15 @@ class Lab:
         raise LabError(f"pod {pod.spec.name} has no curl container")
 
     def request(self, namespace: str, deployment: str | None, url: str, count: int = 1,
-                timeout: float = 2.0, pod_name: str | None = None) -> list[dict[str, Any]]:
+                timeout: float = 2.0, pod_name: str | None = None,
+                family: int | None = None) -> list[dict[str, Any]]:
+        """``count`` GETs, each on a new connection. ``family`` 6 resolves names to the
+        Service's IPv6 ClusterIP (default: the first, IPv4 for a dual-stack Service)."""
         pod = self.client_pod(namespace, deployment, pod_name)
-        return self.call(pod, {"op": "get", "url": url, "count": count,
-                               "timeout": timeout})["results"]
+        command: dict[str, Any] = {"op": "get", "url": url, "count": count, "timeout": timeout}
+        if family is not None:
+            command["family"] = family
+        return self.call(pod, command)["results"]
 
     # -- inspection -------------------------------------------------------------------------
 

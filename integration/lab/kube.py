@@ -17,6 +17,8 @@ from typing import Any
 from kmesh_plugin.errors import KmeshError
 
 SERVICE_CIDR = ipaddress.ip_network("198.19.0.0/16")  # benchmarking range, never routed
+SERVICE_CIDR6 = ipaddress.ip_network("2001:2:0:ff::/64")  # benchmarking range, not the pods'
+POD_CIDR6 = "2001:2::/64"
 FIRST_CLUSTER_IP = 10
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -154,6 +156,7 @@ class RunningPod:
     spec: PodSpec
     node: str
     ip: str
+    ipv6: str | None = None
     ready: bool = False
     terminating: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # process handles, netns, ...
@@ -167,11 +170,16 @@ class RunningPod:
 
 
 class ClusterIPs:
-    """Allocates ClusterIPs from 198.19.0.0/16; refuses any other address (network rules)."""
+    """Allocates ClusterIPs, IPv4 from 198.19.0.0/16 and IPv6 from 2001:2:0:ff::/64, and refuses
+    any other address (the network rules: the lab only uses benchmarking addresses).
+
+    Families follow the API server: explicit ``spec.clusterIPs`` win; else ``spec.ipFamilies``;
+    else ``ipFamilyPolicy`` PreferDualStack or RequireDualStack gives IPv4 and IPv6; else IPv4.
+    """
 
     def __init__(self) -> None:
         self.used: dict[str, tuple[str, str]] = {}
-        self._next = FIRST_CLUSTER_IP
+        self._next = {4: FIRST_CLUSTER_IP, 6: FIRST_CLUSTER_IP}
 
     def assign(self, service: dict[str, Any], key: tuple[str, str]) -> None:
         spec = service.setdefault("spec", {})
@@ -182,27 +190,30 @@ class ClusterIPs:
         if wanted == ["None"]:
             spec["clusterIP"], spec["clusterIPs"] = "None", ["None"]
             return
-        previous = [ip for ip, owner in self.used.items() if owner == key]
+        previous = {ipaddress.ip_address(ip).version: ip
+                    for ip, owner in self.used.items() if owner == key}
         if not wanted:
-            wanted = previous or [self._allocate()]
+            wanted = [previous.get(v) or self._allocate(v) for v in _families(spec, where)]
         for ip in wanted:
             try:
                 addr = ipaddress.ip_address(ip)
             except ValueError:
                 raise LabError(f"{where}: spec.clusterIP {ip!r} is not an IP address") from None
-            if addr not in SERVICE_CIDR:
+            if addr not in (SERVICE_CIDR if addr.version == 4 else SERVICE_CIDR6):
                 raise LabError(
-                    f"{where}: spec.clusterIP {ip} is outside the lab's service range "
-                    f"{SERVICE_CIDR} (the lab only uses benchmarking addresses)"
+                    f"{where}: spec.clusterIP {ip} is outside the lab's service ranges "
+                    f"{SERVICE_CIDR} and {SERVICE_CIDR6} (the lab only uses benchmarking "
+                    "addresses)"
                 )
             owner = self.used.get(str(addr))
             if owner is not None and owner != key:
                 raise LabError(f"{where}: clusterIP {ip} is taken by Service {owner[0]}/{owner[1]}")
-        for ip in previous:
+        for ip in previous.values():
             if ip not in wanted:
                 del self.used[ip]
+        wanted = [str(ipaddress.ip_address(ip)) for ip in wanted]
         for ip in wanted:
-            self.used[str(ipaddress.ip_address(ip))] = key
+            self.used[ip] = key
         spec["clusterIP"], spec["clusterIPs"] = wanted[0], list(wanted)
         spec["ipFamilies"] = [f"IPv{ipaddress.ip_address(ip).version}" for ip in wanted]
 
@@ -210,12 +221,27 @@ class ClusterIPs:
         for ip in [ip for ip, owner in self.used.items() if owner == key]:
             del self.used[ip]
 
-    def _allocate(self) -> str:
+    def _allocate(self, version: int) -> str:
+        net = SERVICE_CIDR if version == 4 else SERVICE_CIDR6
         while True:
-            ip = str(SERVICE_CIDR.network_address + self._next)
-            self._next += 1
+            ip = str(net.network_address + self._next[version])
+            self._next[version] += 1
             if ip not in self.used:
                 return ip
+
+
+def _families(spec: Mapping[str, Any], where: str) -> list[int]:
+    families = spec.get("ipFamilies")
+    if families:
+        if not isinstance(families, list) or not set(families) <= {"IPv4", "IPv6"}:
+            raise LabError(f"{where}: spec.ipFamilies must list IPv4 and/or IPv6")
+        return [4 if f == "IPv4" else 6 for f in families]
+    policy = spec.get("ipFamilyPolicy", "SingleStack")
+    if policy in ("PreferDualStack", "RequireDualStack"):
+        return [4, 6]
+    if policy != "SingleStack":
+        raise LabError(f"{where}: spec.ipFamilyPolicy {policy!r} is not a policy")
+    return [4]
 
 
 def endpoint_slices(
@@ -223,8 +249,10 @@ def endpoint_slices(
 ) -> list[dict[str, Any]]:
     """The EndpointSlices the controller would publish for a Service with a selector.
 
-    Pods are grouped by their resolved target ports (a named targetPort can differ per pod);
-    a ready pod is ready+serving, a terminating one is serving+terminating and not ready.
+    One set of slices per IP family of the Service (addressType IPv4 / IPv6, the pods'
+    address of that family). Pods are grouped by their resolved target ports (a named
+    targetPort can differ per pod); a ready pod is ready+serving, a terminating one is
+    serving+terminating and not ready.
     """
     meta = service["metadata"]
     spec = service.get("spec") or {}
@@ -249,21 +277,26 @@ def endpoint_slices(
             ports.append((str(sp.get("name") or ""), int(target), sp.get("protocol", "TCP")))
         groups.setdefault(tuple(ports), []).append(pod)
     slices = []
-    for ports, members in sorted(groups.items()):
+    families = spec.get("ipFamilies") or ["IPv4"]
+    for family, (ports, members) in ((f, g) for f in families for g in sorted(groups.items())):
+        members = [p for p in members if (p.ip if family == "IPv4" else p.ipv6)]
+        if not members:
+            continue
         digest = hashlib.sha256(repr(ports).encode()).hexdigest()[:5]
+        suffix = "" if family == "IPv4" else "-v6"
         slices.append({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
-                "name": f"{name}-{digest}",
+                "name": f"{name}-{digest}{suffix}",
                 "namespace": ns,
                 "labels": {SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: "kmesh-lab"},
             },
-            "addressType": "IPv4",
+            "addressType": family,
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
             "endpoints": [
                 {
-                    "addresses": [pod.ip],
+                    "addresses": [pod.ip if family == "IPv4" else pod.ipv6],
                     "conditions": {
                         "ready": pod.ready and not pod.terminating,
                         "serving": True,

@@ -17,6 +17,7 @@ The format (README "Scenario files" documents it for users)::
           from: {namespace: sample, deployment: sleep}   # or {namespace: .., pod: NAME}
           url: http://helloworld:5000/hello
           count: 20             # optional, default 1
+          family: 6             # optional: resolve names to the IPv6 ClusterIP
         expect:                 # optional
           versions: [v1]        # every answer's version is in this set
           all_seen: true        # every listed version answered at least once
@@ -165,6 +166,11 @@ def _parse_step(i: int, raw: Any, fail: Callable[[str, str], ScenarioError]) -> 
         count = body.get("count", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10000:
             raise fail(f"{where}.request.count", "must be an integer from 1 to 10000")
+        if body.get("family", 4) not in (4, 6):
+            raise fail(f"{where}.request.family", "must be 4 or 6")
+        extra = set(body) - {"from", "url", "count", "family"}
+        if extra:
+            raise fail(f"{where}.request.{sorted(extra)[0]}", "unknown key")
     if kind == "restart_agent" and body.get("signal", "KILL") not in ("KILL", "TERM"):
         raise fail(f"{where}.restart_agent.signal", "must be KILL or TERM")
     expect = raw.get("expect") or {}
@@ -260,7 +266,8 @@ class Runner:
         elif step.kind == "request":
             src = b["from"]
             results = lab.request(src["namespace"], src.get("deployment"), b["url"],
-                                  b.get("count", 1), pod_name=src.get("pod"))
+                                  b.get("count", 1), pod_name=src.get("pod"),
+                                  family=b.get("family"))
             record.versions = by_version(results)
             record.answers = dict(collections.Counter(answer_text(r) for r in results))
             for line in chart(record.versions, len(results)) + tally(results):

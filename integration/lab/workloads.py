@@ -179,17 +179,21 @@ def search_candidates(name: str, search: Sequence[str], ndots: int = NDOTS) -> l
     return [*expanded, name] if name.count(".") < ndots else [name, *expanded]
 
 
-def resolve(name: str, hosts: dict[str, list[str]], search: Sequence[str]) -> str:
-    """Return the address for ``name``: an IP literal as is, else the first hosts match."""
+def resolve(
+    name: str, hosts: dict[str, list[str]], search: Sequence[str], family: int | None = None
+) -> str:
+    """Return the address for ``name``: an IP literal as is, else the first hosts match (of
+    IP version ``family`` when given, as getaddrinfo with AF_INET/AF_INET6 would)."""
     literal = name.strip("[]")
     try:
         return str(ipaddress.ip_address(literal))
     except ValueError:
         pass
     for candidate in search_candidates(name.lower(), search):
-        if candidate in hosts:
-            return hosts[candidate][0]
-    raise ResolveError(f"cannot resolve {name!r}")
+        for address in hosts.get(candidate, ()):
+            if family is None or ipaddress.ip_address(address).version == family:
+                return address
+    raise ResolveError(f"cannot resolve {name!r}" + (f" to IPv{family}" if family else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +294,8 @@ def _empty_result() -> dict[str, Any]:
 
 
 def http_get(
-    url: str, hosts: dict[str, list[str]], search: Sequence[str], timeout: float
+    url: str, hosts: dict[str, list[str]], search: Sequence[str], timeout: float,
+    family: int | None = None,
 ) -> dict[str, Any]:
     """One GET on a new TCP connection; never raises, reports failures in the result."""
     result = _empty_result()
@@ -301,7 +306,7 @@ def http_get(
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"unsupported URL {url!r}")
         port = parts.port or 80
-        address = resolve(parts.hostname, hosts, search)
+        address = resolve(parts.hostname, hosts, search, family)
         with _timed_open(result, address, port, socket.SOCK_STREAM, timeout) as sock:
             result["peer"] = _format_peer(sock)
             path = parts.path or "/"
@@ -372,7 +377,11 @@ def _count(command: dict[str, Any]) -> int:
 
 def _op_get(command: dict[str, Any], hosts: dict[str, list[str]], search: Sequence[str]) -> Any:
     url, timeout = str(command["url"]), float(command.get("timeout", 2.0))
-    return {"results": [http_get(url, hosts, search, timeout) for _ in range(_count(command))]}
+    family = command.get("family")
+    if family not in (None, 4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+    return {"results": [http_get(url, hosts, search, timeout, family)
+                        for _ in range(_count(command))]}
 
 
 def _op_connect(command: dict[str, Any], hosts: dict[str, list[str]], search: Sequence[str]) -> Any:

@@ -168,7 +168,7 @@ def _group(group: GroupPlan, view: inspect.DatapathView | None,
         family=group.family,
         endpoints=[
             {
-                "address": f"{r.endpoint.address}:{r.endpoint.port}",
+                "address": _host_port(r.endpoint.address, r.endpoint.port),
                 "pod": r.endpoint.target,
                 "node": r.endpoint.node,
                 "locality": str(r.endpoint.locality),
@@ -217,6 +217,10 @@ def _group(group: GroupPlan, view: inspect.DatapathView | None,
             f"({MODE_NAMES.get(group.backends.mode)}); is the agent running and synced?"
         )
     return out
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def render(e: Explanation) -> str:
