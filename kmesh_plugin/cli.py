@@ -46,46 +46,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _config_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"),
+                        help="the node's plugin.toml (default: ./plugin.toml)")
+    return parser
+
+
+def _output_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kmesh-plugin", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the node agent")
-    run.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    run = _config_arg(sub.add_parser("run", help="run the node agent"))
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check-config", help="validate plugin.toml and the enabled plugins")
-    check.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    check = _config_arg(
+        sub.add_parser("check-config", help="validate plugin.toml and the enabled plugins"))
     check.set_defaults(func=cmd_check_config)
 
     plugins = sub.add_parser("plugins", help="list installed strategy plugins")
     plugins.set_defaults(func=cmd_plugins)
 
-    explain = sub.add_parser("explain", help="why a Service's connects go where they go")
+    explain = _output_arg(_config_arg(
+        sub.add_parser("explain", help="why a Service's connects go where they go")))
     explain.add_argument("service")
     explain.add_argument("-n", "--namespace", default="default")
     explain.add_argument("--node", help="explain from this node's seat (default: the config's)")
-    explain.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
-    explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
     explain.set_defaults(func=cmd_explain)
 
-    dump = sub.add_parser("dump", help="the pinned maps, decoded")
-    dump.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
-    dump.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    dump = _output_arg(_config_arg(sub.add_parser("dump", help="the pinned maps, decoded")))
     dump.set_defaults(func=cmd_dump)
 
-    status = sub.add_parser("status", help="agent health, links, map fill, last reconcile")
-    status.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
-    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status = _output_arg(_config_arg(
+        sub.add_parser("status", help="agent health, links, map fill, last reconcile")))
     status.set_defaults(func=cmd_status)
 
     dp = sub.add_parser("datapath", help="manage the pinned datapath")
     dp_sub = dp.add_subparsers(metavar="ACTION")
-    build = dp_sub.add_parser("build", help="compile bpf/kmesh_lb.c for plugin.toml's capacities")
-    build.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    build = _config_arg(
+        dp_sub.add_parser("build", help="compile bpf/kmesh_lb.c for plugin.toml's capacities"))
     build.set_defaults(func=cmd_datapath_build)
-    remove = dp_sub.add_parser("remove", help="detach the programs and remove every pin")
-    remove.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"))
+    remove = _config_arg(
+        dp_sub.add_parser("remove", help="detach the programs and remove every pin"))
     remove.set_defaults(func=cmd_datapath_remove)
 
     lab = sub.add_parser("lab", help="the multi-node lab on this machine (root)")

@@ -103,6 +103,7 @@ class KernelCollector(Collector):
                                      labels=["map"])
         with self.agent.lock:  # the reconcile loop mutates these; copy under the lock
             published = dict(self.agent.writer.published)
+            used = self.agent.writer.entries()
             owners = {
                 frontend: (key, plan.port.name or str(plan.port.port), plan.family)
                 for key, groups in self.agent.groups_of.items()
@@ -121,8 +122,7 @@ class KernelCollector(Collector):
                 connects.add_metric([*labels, str(tier)], s.hits)
                 refused += s.refused
             refusals.add_metric(labels, refused)
-        used, cap = inspect.map_fill(dp, published)
-        for name in sorted(cap):
+        for name in sorted(used):
             entries.add_metric([name], used[name])
-            capacity.add_metric([name], cap[name])
+            capacity.add_metric([name], dp[name].max_entries)
         yield from (connects, refusals, entries, capacity)
