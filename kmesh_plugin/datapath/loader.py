@@ -160,38 +160,87 @@ def attach(
     if present:
         _check_pinned_maps(pins, specs)
 
+    # Refuse a link that is not ours to swap before loading anything.
+    _check_links(pins, cgroup)
+
     # bpffs refuses names with a dot: "progs-new-<pid>", not "progs.new.<pid>".
     for stale in pins.root.glob("progs-new-*"):
         _remove_tree(stale)
     new_progs = pins.root / f"progs-new-{os.getpid()}"
-    if present:
-        tool.prog_loadall(obj, new_progs, reuse_maps={n: pins.map(n) for n in specs})
-        events.append(f"loaded {obj.name} reusing the pinned maps")
-    else:
-        pins.maps.mkdir(exist_ok=True)
-        tool.prog_loadall(obj, new_progs, pin_maps_dir=pins.maps)
-        events.append(f"loaded {obj.name} with new maps")
+    barrier: syscall.Barrier | None = None
+    maps: dict[str, syscall.Map] = {}
+    try:
+        if present:
+            tool.prog_loadall(obj, new_progs, reuse_maps={n: pins.map(n) for n in specs})
+            events.append(f"loaded {obj.name} reusing the pinned maps")
+        else:
+            pins.maps.mkdir(exist_ok=True)
+            tool.prog_loadall(obj, new_progs, pin_maps_dir=pins.maps)
+            events.append(f"loaded {obj.name} with new maps")
 
-    barrier_path = pins.map(BARRIER)
-    barrier = (
-        syscall.Barrier.open_pinned(barrier_path)
-        if barrier_path.exists()
-        else syscall.Barrier.create_pinned(barrier_path)
-    )
+        barrier_path = pins.map(BARRIER)
+        barrier = (
+            syscall.Barrier.open_pinned(barrier_path)
+            if barrier_path.exists()
+            else syscall.Barrier.create_pinned(barrier_path)
+        )
+        events += _swap_links(pins, cgroup, new_progs)
 
+        # The links now hold the new programs; the old program pins only keep dead programs
+        # alive.
+        if pins.progs.exists():
+            _remove_tree(pins.progs)
+        os.rename(new_progs, pins.progs)
+        for n in specs:
+            maps[n] = syscall.Map.open_pinned(pins.map(n))
+    except BaseException:
+        # Leave nothing of this attempt behind: no program pins, no open fds.
+        for m in maps.values():
+            m.close()
+        if barrier is not None:
+            barrier.close()
+        _remove_tree(new_progs)
+        raise
+    for event in events:
+        log.info("datapath: %s", event, extra={"pin_dir": str(pin_dir)})
+    return Datapath(pins, maps, barrier, capacities, events)
+
+
+def _check_links(pins: Pins, cgroup: Path) -> None:
+    """Every pinned link must sit on ``cgroup`` with the attach type its program needs."""
     want_cgroup = cgroup_id(cgroup)
+    for name, attach_type in PROGRAMS.items():
+        link_path = pins.link(name)
+        if not link_path.exists():
+            continue
+        with _fd(syscall.obj_get(link_path)) as link_fd:
+            info = syscall.link_info(link_fd)
+        if info.cgroup_id != want_cgroup:
+            raise DatapathError(
+                f"{link_path} is attached to cgroup id {info.cgroup_id}, but "
+                f"datapath.cgroup is {cgroup} (id {want_cgroup}); run "
+                "`kmesh-plugin datapath remove` to move the datapath"
+            )
+        # BPF_LINK_UPDATE checks the program type, and whether it also checks the expected
+        # attach type differs between kernel builds: never hand it a program for another
+        # hook, whatever this kernel would accept.
+        if info.attach_type != attach_type:
+            raise DatapathError(
+                f"{link_path} is a link of attach type {_attach_name(info.attach_type)}, "
+                f"but {name} needs {_attach_name(attach_type)}; refusing to swap it in (run "
+                "`kmesh-plugin datapath remove` and start again)"
+            )
+
+
+def _swap_links(pins: Pins, cgroup: Path, new_progs: Path) -> list[str]:
+    """Point every link at its program in ``new_progs``, creating the missing links."""
+    events = []
     for name, attach_type in PROGRAMS.items():
         with _fd(syscall.obj_get(new_progs / name)) as prog_fd:
             link_path = pins.link(name)
             if link_path.exists():
                 with _fd(syscall.obj_get(link_path)) as link_fd:
                     info = syscall.link_info(link_fd)
-                    if info.cgroup_id != want_cgroup:
-                        raise DatapathError(
-                            f"{link_path} is attached to cgroup id {info.cgroup_id}, but "
-                            f"datapath.cgroup is {cgroup} (id {want_cgroup}); run "
-                            "`kmesh-plugin datapath remove` to move the datapath"
-                        )
                     syscall.link_update(link_fd, prog_fd)
                 events.append(f"swapped {name} on link {info.id} (BPF_LINK_UPDATE)")
             else:
@@ -200,16 +249,7 @@ def attach(
                 with _fd(link_fd):
                     syscall.obj_pin(link_fd, link_path)
                 events.append(f"attached {name} to {cgroup} with a pinned link")
-
-    # The links now hold the new programs; the old program pins only keep dead programs alive.
-    if pins.progs.exists():
-        _remove_tree(pins.progs)
-    os.rename(new_progs, pins.progs)
-
-    maps = {n: syscall.Map.open_pinned(pins.map(n)) for n in specs}
-    for event in events:
-        log.info("datapath: %s", event, extra={"pin_dir": str(pin_dir)})
-    return Datapath(pins, maps, barrier, capacities, events)
+    return events
 
 
 def remove(pin_dir: Path) -> list[str]:
@@ -243,6 +283,14 @@ def _check_pinned_maps(pins: Pins, specs: dict[str, MapSpec]) -> None:
                     " restore them, or run `kmesh-plugin datapath remove` and start again)"
                 )
             raise DatapathError(f"pinned map {pins.map(name)} is {got}, expected {spec}{hint}")
+
+
+def _attach_name(attach_type: int | None) -> str:
+    """BPF_CGROUP_INET4_CONNECT for 10: the name bpf.h gives an attach type number."""
+    for name, value in vars(syscall).items():
+        if name.startswith("BPF_CGROUP_") and value == attach_type:
+            return f"{name} ({attach_type})"
+    return str(attach_type)
 
 
 def _remove_tree(path: Path) -> None:

@@ -263,3 +263,35 @@ def test_pinned_maps_of_other_capacities_are_refused(
             import os
 
             os.close(fd)
+
+
+def test_a_link_of_another_attach_type_is_refused(
+    pin_dir: Path, cgroup: Path, build_dir: Path
+) -> None:
+    import os
+
+    from kmesh_plugin.datapath import loader
+
+    dp = loader.attach(pin_dir, cgroup, Capacities(64, 1024), build_dir)
+    dp.close()
+    links = pin_dir / "links"
+    # Swap the two link pins: each now names a link of the other hook.
+    os.rename(links / "kmesh_connect4", links / "tmp")
+    os.rename(links / "kmesh_connect6", links / "kmesh_connect4")
+    os.rename(links / "tmp", links / "kmesh_connect6")
+    before = {p.name: _link_prog(p) for p in links.iterdir()}
+    with pytest.raises(DatapathError, match="attach type BPF_CGROUP_INET6_CONNECT"):
+        loader.attach(pin_dir, cgroup, Capacities(64, 1024), build_dir)
+    # Nothing was swapped, and the refused attempt left no program pins behind.
+    assert {p.name: _link_prog(p) for p in links.iterdir()} == before
+    assert sorted(p.name for p in pin_dir.iterdir()) == ["links", "maps", "progs"]
+
+
+def _link_prog(path: Path) -> int:
+    import os
+
+    fd = syscall.obj_get(path)
+    try:
+        return syscall.link_info(fd).prog_id
+    finally:
+        os.close(fd)

@@ -505,8 +505,6 @@ def test_cgroup_link_lifecycle(
     fds.append(allow_fd)
     deny_fd = _load(bpf_objects["kt_deny"], pin_dir / "deny")
     fds.append(deny_fd)
-    allow6_fd = _load(bpf_objects["kt_allow6"], pin_dir / "allow6")
-    fds.append(allow6_fd)
 
     allow = syscall.prog_info(allow_fd)
     deny = syscall.prog_info(deny_fd)
@@ -564,13 +562,9 @@ def test_cgroup_link_lifecycle(
             syscall.link_update(link_fd, not_a_prog.fileno())
         assert exc.value.errno == errno.EINVAL
     assert syscall.prog_query(cg_fd, connect4) == [deny.id]
-    # The kernel checks only the program type: a connect6 program (same type, other expected
-    # attach type) is accepted on a connect4 link. Pinned here so a change is noticed.
-    allow6 = syscall.prog_info(allow6_fd)
-    syscall.link_update(link_fd, allow6_fd, old_prog_fd=deny_fd)
-    assert syscall.prog_query(cg_fd, connect4) == [allow6.id]
-    syscall.link_update(link_fd, deny_fd, old_prog_fd=allow6_fd)
-    assert syscall.prog_query(cg_fd, connect4) == [deny.id]
+    # Whether the kernel accepts a connect6 program (same type, other expected attach type) on
+    # a connect4 link changed within 6.18 (accepted, then EINVAL on 6.18.44): no test may rest
+    # on it. The product never asks; the loader checks the link's attach type itself.
 
     # Unconditional swap back.
     syscall.link_update(link_fd, allow_fd)
