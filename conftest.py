@@ -95,7 +95,7 @@ def pin_dir(kernel: None) -> Iterator[Path]:
 @pytest.fixture
 def cgroup(kernel: None) -> Iterator[Path]:
     """A fresh cgroup v2 directory kmesh-test-<random>; its processes are killed at the end."""
-    from integration.lab import procs
+    from kmesh_lab import procs
     from kmesh_plugin.datapath.mounts import cgroup2_root
 
     path = cgroup2_root() / f"{PREFIX}{secrets.token_hex(4)}"

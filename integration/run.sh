@@ -44,12 +44,13 @@ setup() {
     # The venv is rebuilt only when a pyproject changed since the last install.
     local stamp="$VENV/.kmesh-installed"
     local want
-    want=$(cat "$ROOT/pyproject.toml" "$ROOT"/hooks/*/pyproject.toml | sha256sum | cut -d' ' -f1)
+    want=$(cat "$ROOT/pyproject.toml" "$ROOT"/hooks/*/pyproject.toml "$ROOT/integration/pyproject.toml" \
+        | sha256sum | cut -d' ' -f1)
     if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install -q --upgrade pip
         "$VENV/bin/pip" install -q -e "$ROOT[test]" -e "$ROOT/hooks/prefer_close" \
-            -e "$ROOT/hooks/local"
+            -e "$ROOT/hooks/local" -e "$ROOT/integration[bench]"
         echo "$want" > "$stamp"
     fi
 }
@@ -73,7 +74,7 @@ case "$job" in
     bench)
         setup
         cd "$ROOT"
-        exec "$VENV/bin/python" -m integration.bench "$@"
+        exec "$VENV/bin/python" -m kmesh_lab.bench "$@"
         ;;
     *)
         sed -n '2,9p' "$0" >&2

@@ -7,6 +7,7 @@ configuration or usage (the message names the file and key), 3 an unmet lab expe
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import signal
@@ -24,6 +25,7 @@ log = logging.getLogger("kmesh_plugin")
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+COMMANDS_GROUP = "kmesh_plugin.commands"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,24 +96,20 @@ def _parser() -> argparse.ArgumentParser:
         dp_sub.add_parser("remove", help="detach the programs and remove every pin"))
     remove.set_defaults(func=cmd_datapath_remove)
 
-    lab = sub.add_parser("lab", help="the multi-node lab on this machine (root)")
-    lab_sub = lab.add_subparsers(metavar="ACTION")
-    seed = lab_sub.add_parser("seed", help="run the seed document's experiment")
-    seed.add_argument("--local", action="store_true",
-                      help="the internalTrafficPolicy: Local variant")
-    seed.set_defaults(func=cmd_lab_seed)
-    lrun = lab_sub.add_parser("run", help="run a scenario file")
-    lrun.add_argument("scenario", type=Path)
-    lrun.set_defaults(func=cmd_lab_run)
-    down = lab_sub.add_parser("down", help="remove everything a crashed lab left behind")
-    down.set_defaults(func=cmd_lab_down)
-    for sp in (seed, lrun):
-        sp.add_argument("--keep-going", action="store_true",
-                        help="run every step even after an unmet expectation")
-        sp.add_argument("--json", type=Path, metavar="PATH",
-                        help="write every step's tallies as JSON to PATH ('-': stdout)")
-        sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
+    _add_extensions(sub)
     return p
+
+
+def _add_extensions(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Commands other distributions add (entry-point group ``kmesh_plugin.commands``): each
+    entry point is a function that adds its subparsers. The core knows none of them by name;
+    the lab (``kmesh-plugin lab``) is one, installed with the kmesh-lab distribution."""
+    for ep in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as e:  # a broken extension must not take the agent's CLI down
+            print(f"kmesh-plugin: command extension {ep.name!r} ({ep.value}) failed to load: "
+                  f"{e}", file=sys.stderr)
 
 
 def _load_config(path: Path) -> config_mod.Config:
@@ -238,28 +236,6 @@ def cmd_datapath_remove(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config)
     for line in loader.remove(cfg.pin_dir) or [f"nothing pinned at {cfg.pin_dir}"]:
-        print(line)
-    return 0
-
-
-def cmd_lab_seed(args: argparse.Namespace) -> int:
-    from integration.lab.scenario import run_seed
-
-    return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json)
-
-
-def cmd_lab_run(args: argparse.Namespace) -> int:
-    from integration.lab.scenario import run_file
-
-    return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json)
-
-
-def cmd_lab_down(args: argparse.Namespace) -> int:
-    from integration.lab.cluster import teardown_all
-
-    for line in teardown_all() or ["nothing to remove"]:
         print(line)
     return 0
 

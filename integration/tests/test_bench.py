@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.bench.__main__ import main
+from kmesh_lab.bench.__main__ import main
 
 pytestmark = pytest.mark.lab
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from integration.lab import scenario
-from integration.lab.cluster import Lab
+from kmesh_lab import scenario
+from kmesh_lab.cluster import Lab
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.writer import read_table
@@ -140,7 +140,7 @@ def three_instances(lab: Lab, svc: str) -> None:
     lab.apply(sleep_client(), "sample")
 
 
-SCENARIOS = sorted((REPO / "integration" / "scenarios").glob("*.yaml"))
+SCENARIOS = sorted((REPO / "integration" / "kmesh_lab" / "scenarios").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from integration.lab import cni, netns, procs, workloads
+from kmesh_lab import cni, netns, procs, workloads
 from kmesh_plugin.datapath.mounts import cgroup2_root
 
 PREFIX = "kmesh-test-"
@@ -101,7 +101,7 @@ class MiniLab:
     def run(self, pod: str, node: str, args: list[str], stdin: bool = False) -> Pod:
         """Start a workload in pod ``pod`` on node ``node``; return once it printed ready."""
         proc = procs.spawn(
-            [sys.executable, "-m", "integration.lab.workloads", *args],
+            [sys.executable, "-m", "kmesh_lab.workloads", *args],
             netns=netns.path(f"{self.id}-{pod}"),
             cgroup=self.pod_cgroup(node, pod),
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO},

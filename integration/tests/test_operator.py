@@ -21,8 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.lab import scenario
-from integration.lab.cluster import Lab
+from kmesh_lab import scenario
+from kmesh_lab.cluster import Lab
 
 pytestmark = pytest.mark.lab
 

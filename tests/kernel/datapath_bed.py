@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.lab import procs
+from kmesh_lab import procs
 from kmesh_plugin.datapath import loader
 from kmesh_plugin.datapath.build import Capacities
 from kmesh_plugin.datapath.records import Backend, BackendSet, Frontend
 from kmesh_plugin.datapath.writer import MapWriter
 
-WORKLOADS = [sys.executable, "-m", "integration.lab.workloads"]
+WORKLOADS = [sys.executable, "-m", "kmesh_lab.workloads"]
 START_TIMEOUT = 20.0
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from integration.lab import kube, workloads
-from integration.lab.kube import ClusterIPs, LabError, RunningPod
+from kmesh_lab import kube, workloads
+from kmesh_lab.kube import ClusterIPs, LabError, RunningPod
 
 
 def svc(**spec: Any) -> dict[str, Any]:

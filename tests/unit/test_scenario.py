@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from integration.lab import scenario
-from integration.lab.scenario import ScenarioError, Unmet, check, tally
+from kmesh_lab import scenario
+from kmesh_lab.scenario import ScenarioError, Unmet, check, tally
 
-SHIPPED = sorted((Path(__file__).resolve().parents[2] / "integration" / "scenarios").glob("*.yaml"))
+LAB = Path(__file__).resolve().parents[2] / "integration" / "kmesh_lab"
+SHIPPED = sorted((LAB / "scenarios").glob("*.yaml"))
 REQUEST = {"request": {"from": {"namespace": "s", "deployment": "d"}, "url": "http://x/"}}
 
 

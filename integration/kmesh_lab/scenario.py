@@ -44,8 +44,8 @@ from typing import Any
 
 import yaml
 
-from integration.lab.cluster import Lab
-from integration.lab.kube import LabError
+from kmesh_lab.cluster import Lab
+from kmesh_lab.kube import LabError
 from kmesh_plugin.errors import KmeshError
 
 EXIT_OK = 0
@@ -441,18 +441,23 @@ def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False,
         print(f"kmesh-plugin: {e}", file=sys.stderr)
         return EXIT_SCENARIO
     # With --json -, the JSON owns stdout and the running commentary goes to stderr.
-    out = print if str(json_path) != "-" else _to_stderr
+    out = _to_stdout if str(json_path) != "-" else _to_stderr
     return execute(scenario, keep_going=keep_going, verbose=verbose, out=out,
                    json_path=json_path)
 
 
+def _to_stdout(line: str) -> None:
+    # Flushed per line: whoever reads the progress through a pipe sees each step as it starts.
+    print(line, flush=True)
+
+
 def _to_stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+    print(line, file=sys.stderr, flush=True)
 
 
 def seed_path(local: bool = False) -> Path:
     name = "seed-local.yaml" if local else "seed.yaml"
-    return Path(str(resources.files("integration") / "scenarios" / name))
+    return Path(str(resources.files("kmesh_lab") / "scenarios" / name))
 
 
 def run_seed(*, local: bool = False, keep_going: bool = False, verbose: bool = False,

@@ -23,7 +23,7 @@ import hashlib
 import subprocess
 from dataclasses import dataclass
 
-from integration.lab import netns, procs
+from kmesh_lab import netns, procs
 
 CLUSTER_CIDR = "198.18.0.0/16"  # pod addresses: traffic from elsewhere gets masqueraded
 

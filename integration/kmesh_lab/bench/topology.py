@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.lab import cluster, cni, netns, procs
+from kmesh_lab import cluster, cni, netns, procs
 from kmesh_plugin.datapath import loader
 from kmesh_plugin.datapath.build import Capacities
 from kmesh_plugin.datapath.loader import Datapath

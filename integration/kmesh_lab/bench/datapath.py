@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from integration.bench import kubeproxy
-from integration.bench.topology import SERVER_PORT, BenchNet, Pod
-from integration.lab import netns
+from kmesh_lab import netns
+from kmesh_lab.bench import kubeproxy
+from kmesh_lab.bench.topology import SERVER_PORT, BenchNet, Pod
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.bpftool import Bpftool
 from kmesh_plugin.datapath.records import Backend, BackendSet, Frontend

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from integration.bench.topology import SERVER_PORT, BenchNet
-from integration.lab import procs
+from kmesh_lab import procs
+from kmesh_lab.bench.topology import SERVER_PORT, BenchNet
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.inspect import read_stats
 from kmesh_plugin.datapath.loader import Datapath

@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.lab import cni, kube, netns, procs
-from integration.lab.kube import LabError, RunningPod
+from kmesh_lab import cni, kube, netns, procs
+from kmesh_lab.kube import LabError, RunningPod
 from kmesh_plugin import config as config_mod
 from kmesh_plugin.config import Config
 from kmesh_plugin.datapath import loader
@@ -48,7 +48,7 @@ from kmesh_plugin.sources.inotify import Inotify
 
 STATE_ROOT = Path("/run/kmesh-lab")
 PREFIX = "kmesh-lab-"
-WORKLOADS = [sys.executable, "-m", "integration.lab.workloads"]
+WORKLOADS = [sys.executable, "-m", "kmesh_lab.workloads"]
 AGENT = [sys.executable, "-m", "kmesh_plugin.cli", "run", "--config"]
 CONVERGE_TIMEOUT = 30.0
 START_TIMEOUT = 30.0

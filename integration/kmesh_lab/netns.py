@@ -15,7 +15,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 
-from integration.lab import procs
+from kmesh_lab import procs
 
 __all__ = [
     "NETNS_DIR",

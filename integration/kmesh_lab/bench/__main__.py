@@ -1,4 +1,4 @@
-"""`python -m integration.bench`: every benchmark figure in one run (root; see README).
+"""`python -m kmesh_lab.bench`: every benchmark figure in one run (root; see README).
 
 Writes results.json, summary.md and datapath.png to --out and prints the tables. --quick is a
 small, fast run (also what the test suite runs) that exercises every measurement.
@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from integration.bench import control, datapath, report
-from integration.bench.topology import BenchNet, build_loadgen
+from kmesh_lab.bench import control, datapath, report
+from kmesh_lab.bench.topology import BenchNet, build_loadgen
 from kmesh_plugin.datapath.build import Capacities
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m integration.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m kmesh_lab.bench", description=__doc__)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="small N, short windows, one round")
     p.add_argument("--ns", default="1,1000,10000,100000", help="numbers of Services")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = [int(x) for x in args.ns.split(",") if x]
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {
-        "command": "python -m integration.bench " + shlex.join(argv or sys.argv[1:]),
+        "command": "python -m kmesh_lab.bench " + shlex.join(argv or sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": report.machine(),
         "settings": {"ns": ns, "rounds": args.rounds, "window": args.window},

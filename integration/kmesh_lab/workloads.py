@@ -1,4 +1,4 @@
-"""Programs that run as lab pod processes: ``python -m integration.lab.workloads ...``.
+"""Programs that run as lab pod processes: ``python -m kmesh_lab.workloads ...``.
 
 ``helloworld``
     The istio ``examples-helloworld`` server: ``GET /hello`` answers
@@ -440,7 +440,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m integration.lab.workloads")
+    parser = argparse.ArgumentParser(prog="python -m kmesh_lab.workloads")
     sub = parser.add_subparsers(dest="program", required=True)
     hello = sub.add_parser("helloworld", help="istio helloworld HTTP server")
     hello.add_argument("--port", type=int, default=5000)

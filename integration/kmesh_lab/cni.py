@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from integration.lab import netns, procs
+from kmesh_lab import netns, procs
 
 __all__ = ["CNI_VERSION", "DEFAULT_CNI_PATH", "CniError", "Fabric", "PodAddress"]
 

@@ -1,1 +1,0 @@
-"""Integration layer: the multi-node lab, scenarios and benchmarks that run on a real kernel."""

@@ -1,0 +1,49 @@
+"""`kmesh-plugin lab ...`: the lab's commands, added to the product's CLI through the
+entry-point group ``kmesh_plugin.commands`` (the product does not import the lab)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    lab = sub.add_parser("lab", help="the multi-node lab on this machine (root)")
+    lab_sub = lab.add_subparsers(metavar="ACTION")
+    seed = lab_sub.add_parser("seed", help="run the seed document's experiment")
+    seed.add_argument("--local", action="store_true",
+                      help="the internalTrafficPolicy: Local variant")
+    seed.set_defaults(func=cmd_lab_seed)
+    lrun = lab_sub.add_parser("run", help="run a scenario file")
+    lrun.add_argument("scenario", type=Path)
+    lrun.set_defaults(func=cmd_lab_run)
+    down = lab_sub.add_parser("down", help="remove everything a crashed lab left behind")
+    down.set_defaults(func=cmd_lab_down)
+    for sp in (seed, lrun):
+        sp.add_argument("--keep-going", action="store_true",
+                        help="run every step even after an unmet expectation")
+        sp.add_argument("--json", type=Path, metavar="PATH",
+                        help="write every step's tallies as JSON to PATH ('-': stdout)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
+
+
+def cmd_lab_seed(args: argparse.Namespace) -> int:
+    from kmesh_lab.scenario import run_seed
+
+    return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose,
+                    json_path=args.json)
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from kmesh_lab.scenario import run_file
+
+    return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose,
+                    json_path=args.json)
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from kmesh_lab.cluster import teardown_all
+
+    for line in teardown_all() or ["nothing to remove"]:
+        print(line)
+    return 0
