@@ -2,7 +2,9 @@
 
 ``SCHEMA`` is the single list of keys, types and defaults; the shipped plugin.toml documents the
 same keys (a test keeps the two in step). Any unknown key, wrong type or bad path raises
-``ConfigError`` naming the file and the dotted key; the CLI turns that into exit code 2.
+``ConfigError`` naming the file and the dotted key; the CLI turns that into exit code 2. So does
+every failure to read or parse the file, whatever it is (missing, a directory, a FIFO, not
+UTF-8, nested deep enough to make tomllib recurse, ...): never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from kmesh_plugin.datapath.build import Capacities
 from kmesh_plugin.datapath.mounts import cgroup2_root, is_cgroup2_dir
 from kmesh_plugin.errors import ConfigError, DatapathError
 from kmesh_plugin.model import LocalityLabels, Scope
+from kmesh_plugin.sources.decode import DecodeError, MissingFile, read_regular_file
+
+# plugin.toml is a few KiB; 1 MiB bounds what a wrong --config (a log, a disk image) costs.
+MAX_CONFIG_BYTES = 1 << 20
+# The map capacities are compiled into the object as u32 max_entries (datapath/loader.py
+# map_specs): frontends, vips, active and stats hold max_services entries, records
+# max_services * 2 (two sets per group), slots max_endpoints. The bounds keep every one of
+# them non-zero and far inside u32, and the memory sane: at the bound the per-CPU stats map
+# costs 72 MiB per possible CPU and the slot hash preallocates 16 Mi entries (about 1 GiB).
+# A cluster of 10,000 Services (Kubernetes' tested limit) needs well under both.
+MAX_SERVICES = 1 << 20
+MAX_ENDPOINTS = 1 << 24
+# The environment variable the DaemonSet sets from the downward API (spec.nodeName).
+NODE_NAME_ENV = "NODE_NAME"
 
 
 @dataclass(frozen=True)
@@ -30,11 +46,20 @@ class Key:
     item_type: type | None = None  # for lists
 
 
-def _positive(v: int) -> str | None:
-    return None if v > 0 else "must be > 0"
+def _capacity(limit: int, why: str) -> Callable[[int], str | None]:
+    def check(v: int) -> str | None:
+        if v <= 0:
+            return "must be > 0 (a map of zero entries cannot be created)"
+        if v > limit:
+            return f"must be at most {limit}: {why}"
+        return None
+
+    return check
 
 
 def _absolute(v: str) -> str | None:
+    if "\0" in v:
+        return "must not contain a NUL character"
     return None if v == "" or os.path.isabs(v) else "must be an absolute path"
 
 
@@ -71,10 +96,11 @@ def _log_level(v: str) -> str | None:
     return None if v in levels else f"must be one of {', '.join(levels)}"
 
 
+SOURCE_KINDS = ("manifests", "kubernetes")
+
+
 def _source_kind(v: str) -> str | None:
-    if v == "manifests":
-        return None
-    return 'must be "manifests" (the Kubernetes API source is not built yet)'
+    return None if v in SOURCE_KINDS else 'must be "manifests" or "kubernetes"'
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -87,8 +113,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "build_dir": Key(str, "/var/cache/kmesh-plugin", _absolute),
         "clang": Key(str, "clang"),
         "bpftool": Key(str, "bpftool"),
-        "max_services": Key(int, 16384, _positive),
-        "max_endpoints": Key(int, 131072, _positive),
+        "max_services": Key(int, 16384, _capacity(
+            MAX_SERVICES, f"the records map holds 2 entries per group (u32 max_entries) and "
+            f"the per-CPU stats map costs 72 bytes per group on every CPU; {MAX_SERVICES} "
+            "groups is 72 MiB per CPU")),
+        "max_endpoints": Key(int, 131072, _capacity(
+            MAX_ENDPOINTS, "the slot hash map preallocates every entry (u32 max_entries); "
+            f"{MAX_ENDPOINTS} slots is about 1 GiB of kernel memory")),
     },
     "locality": {
         "network_label": Key(str, "topology.istio.io/network"),
@@ -108,6 +139,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "source": {
         "kind": Key(str, "manifests", _source_kind),
         "path": Key(str, "/etc/kmesh-plugin/manifests", _absolute),
+        "kubeconfig": Key(str, "", _absolute),
     },
     "agent": {
         "status_file": Key(str, "/run/kmesh-plugin/status.json", _absolute),
@@ -135,6 +167,7 @@ class Config:
     prefer_close_scopes: tuple[Scope, ...]
     source_kind: str
     source_path: Path
+    kubeconfig: Path | None  # None: in-cluster config, then $KUBECONFIG, then ~/.kube/config
     status_file: Path
     log_level: str
     log_format: str
@@ -146,31 +179,64 @@ class Config:
 def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
     """Read, check and resolve ``path``. ``overrides`` maps dotted keys to values."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, None, "file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, None, f"invalid TOML: {e}") from None
+    raw = _read(path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        raw.setdefault(section, {})[key] = value
-    values = _validate(path, raw)
-    return _resolve(path, values)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(path, section, "must be a table ([section])")
+        table[key] = value
+    try:
+        values = _validate(path, raw)
+        return _resolve(path, values)
+    except ConfigError:
+        raise
+    except Exception as e:
+        # Not reached by design (every check returns a problem); a check that raises must
+        # still end in exit code 2 with the file named, never a traceback.
+        raise ConfigError(path, None, f"cannot be checked: {_one_line(e)}") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The TOML table of ``path``; every failure, whatever raised it, a ConfigError."""
+    try:
+        data = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
+    except MissingFile:
+        raise ConfigError(path, None, "file not found") from None
+    except DecodeError as e:  # a directory, a FIFO, too large, unreadable
+        raise ConfigError(path, None, e.problem) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8: {e.reason} at byte {e.start}") from None
+    try:
+        return tomllib.loads(text)
+    except Exception as e:  # TOMLDecodeError, RecursionError, the int digit limit, ...
+        raise ConfigError(path, None, f"invalid TOML: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    try:
+        text = " ".join(str(e).split())
+    except Exception:
+        text = ""
+    text = text or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _validate(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     values: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         if section not in SCHEMA:
-            raise ConfigError(path, section, f"unknown section (known: {', '.join(SCHEMA)})")
+            raise ConfigError(path, _name(section),
+                              f"unknown section (known: {', '.join(SCHEMA)})")
         if not isinstance(table, dict):
             raise ConfigError(path, section, "must be a table ([section])")
         for key in table:
             if key not in SCHEMA[section]:
                 known = ", ".join(SCHEMA[section])
-                raise ConfigError(path, f"{section}.{key}", f"unknown key (known: {known})")
+                raise ConfigError(path, f"{section}.{_name(key)}",
+                                  f"unknown key (known: {known})")
     for section, keys in SCHEMA.items():
         values[section] = {}
         for key, spec in keys.items():
@@ -207,15 +273,20 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         raise ConfigError(path, "datapath.pin_dir", f"{pin_dir} exists and is not a directory")
     src = v["source"]
     source_path = Path(src["path"])
-    if not source_path.is_dir():
-        raise ConfigError(path, "source.path", f"{source_path} is not a directory")
+    # Only the manifest source reads a directory; the Kubernetes source ignores the key.
+    if src["kind"] == "manifests" and (not src["path"] or not source_path.is_dir()):
+        raise ConfigError(path, "source.path",
+                          f"{_name(src['path'])} is not a directory (source.kind is manifests)")
+    kubeconfig = Path(src["kubeconfig"]) if src["kubeconfig"] else None
+    if kubeconfig is not None and not kubeconfig.is_file():
+        raise ConfigError(path, "source.kubeconfig", f"{_name(str(kubeconfig))} is not a file")
     loc = v["locality"]
     strategies = v["strategies"]
     if len(set(strategies["enabled"])) != len(strategies["enabled"]):
         raise ConfigError(path, "strategies.enabled", "lists a plugin twice")
     return Config(
         path=path,
-        node_name=v["node"]["name"] or socket.gethostname(),
+        node_name=_node_name(v["node"]["name"]),
         cgroup=cgroup,
         pin_dir=pin_dir,
         build_dir=Path(dp["build_dir"]),
@@ -233,6 +304,7 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         prefer_close_scopes=tuple(Scope(s) for s in strategies["prefer_close_scopes"]),
         source_kind=src["kind"],
         source_path=source_path,
+        kubeconfig=kubeconfig,
         status_file=Path(v["agent"]["status_file"]),
         log_level=v["agent"]["log_level"],
         log_format=v["agent"]["log_format"],
@@ -242,6 +314,12 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
     )
 
 
+def _node_name(configured: str) -> str:
+    """[node] name if set, else $NODE_NAME (the DaemonSet's downward API: spec.nodeName), else
+    the host name (kubelet's default node name)."""
+    return configured or os.environ.get(NODE_NAME_ENV, "") or socket.gethostname()
+
+
 def _type_name(spec: Key) -> str:
     if spec.type is list:
         return f"a list of {spec.item_type.__name__ if spec.item_type else 'values'}"
@@ -249,7 +327,25 @@ def _type_name(spec: Key) -> str:
     return names.get(spec.type, str(spec.type))  # type: ignore[arg-type]
 
 
+def _name(text: str, limit: int = 256) -> str:
+    """A key or path from the file, bounded and on one line (a quoted TOML key may hold a
+    newline) for a one-line message."""
+    if not text.isprintable():
+        text = repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _toml_repr(value: Any) -> str:
+    """A value for a message, bounded: never the repr of a deep or huge one."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f"{type(value).__name__} {value!r}"
+    if isinstance(value, int):
+        return f"int {value!r}" if -(10**18) < value < 10**18 else (
+            f"int of {value.bit_length()} bits")
+    if isinstance(value, str):
+        return f"str {value[:64]!r}" + ("..." if len(value) > 64 else "")
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return "a table"
+    return f"{type(value).__name__} {_name(repr(value))}"

@@ -5,38 +5,50 @@ Every ``*.yaml``, ``*.yml`` or ``*.json`` file in the directory may hold several
 Service and EndpointSlice objects are read; other kinds are ignored. The union over all files
 is the cluster.
 
-A file that does not parse is reported with its name and the problem, and its *previous*
-content stays in effect: a half-written or broken file changes nothing. Write files
-atomically (write elsewhere, then rename into the directory) to avoid that window entirely.
+A file that cannot be used, whatever the reason (it does not parse, is not UTF-8, is too
+large, is a FIFO or a directory named ``*.yaml``, holds an alias bomb, ...) is reported with its
+name and the problem, and its *previous* content stays in effect: a half-written or broken file
+changes nothing. Write files atomically (write elsewhere, then rename into the directory) to
+avoid that window entirely. Files are read only through :mod:`kmesh_plugin.sources.decode`:
+regular files only, opened without blocking, refused by their size before they are read.
 
 If the directory holds a file named ``.revision``, its text is reported with each batch: a
 writer that updates ``.revision`` after its manifests learns from the agent's status when the
-agent has applied them (the lab waits on exactly that).
+agent has applied them (the lab waits on exactly that). A ``.revision`` that cannot be read
+(not UTF-8, too large, not a regular file) is reported and the last good revision stays.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kmesh_plugin.errors import KmeshError, ManifestError
 from kmesh_plugin.model.objects import KINDS, KubeObject, ObjectKey, object_key, parse
 from kmesh_plugin.sources.base import Batch, Event, Source
+from kmesh_plugin.sources.decode import (
+    MAX_MANIFEST_BYTES,
+    MissingFile,
+    load_json,
+    load_yaml_documents,
+    read_regular_file,
+)
 from kmesh_plugin.sources.inotify import IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, Inotify
 
 log = logging.getLogger(__name__)
 
 REVISION_FILE = ".revision"
-# libyaml's parser when PyYAML was built with it (about 10x faster); same safe semantics.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# A revision is a short token (a counter, a commit id): 4 KiB is plenty, and bounds what a
+# broken .revision can put into every batch and status file.
+MAX_REVISION_BYTES = 4096
 SUFFIXES = (".yaml", ".yml", ".json")
+# kubelet's atomic writer (ConfigMap and Secret volumes): app.yaml -> ..data/app.yaml, and an
+# update renames a new ..data symlink over the old one.
+CONFIGMAP_SWAP = "..data"
 
 
 @dataclass
@@ -60,9 +72,12 @@ class ManifestSource(Source):
         self.revision: str | None = None
         self.errors: dict[str, str] = {}  # file -> current problem
 
-    def start(self) -> None:
+    def check(self) -> None:
         if not self.directory.is_dir():
             raise KmeshError(f"manifest directory {self.directory} does not exist")
+
+    def start(self) -> None:
+        self.check()
         self._inotify = Inotify()
         # Watch before the first scan, so nothing written in between is missed.
         self._inotify.watch(self.directory)
@@ -81,8 +96,13 @@ class ManifestSource(Source):
             return None
         if any(mask & (IN_Q_OVERFLOW | IN_DELETE_SELF | IN_MOVE_SELF) for mask, _ in events):
             return self._scan(None)  # the kernel dropped events: read everything again
+        names = {name for _, name in events}
+        if CONFIGMAP_SWAP in names:
+            # A ConfigMap volume publishes a new version by swapping the ..data symlink that
+            # every file links through: the files changed without an event of their own.
+            return self._scan(None)
         # Only the files named by the events: a change costs the same with 10 or 20,000 files.
-        return self._scan({name for _, name in events})
+        return self._scan(names)
 
     def close(self) -> None:
         if self._inotify is not None:
@@ -103,13 +123,13 @@ class ManifestSource(Source):
     def _scan(self, names: set[str] | None) -> Batch:
         """Re-read ``names`` (every file when None) and return what changed in the view."""
         # The revision first: the manifests read after it are at least that new.
-        revision = self._read_revision()
-        batch = Batch(synced=True, revision=revision)
+        batch = Batch(synced=True)
+        revision = batch.revision = self._read_revision(batch)
         if names is None:
-            present = {
-                e.name for e in os.scandir(self.directory)
-                if _is_manifest(e.name) and e.is_file()
-            }
+            # Every entry with a manifest's name, whatever its type: a FIFO or a directory
+            # named *.yaml is reported (by the read below), not silently skipped.
+            with os.scandir(self.directory) as entries:
+                present = {e.name for e in entries if _is_manifest(e.name)}
             names = present | set(self._files)
         touched: dict[ObjectKey, None] = {}  # ordered: events come in file order
         for name in sorted(n for n in names if _is_manifest(n)):
@@ -124,29 +144,23 @@ class ManifestSource(Source):
         path = self.directory / name
         known = self._files.get(name)
         before = list(known.objects) if known else []
+        signature = b""
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = read_regular_file(path, max_bytes=MAX_MANIFEST_BYTES)
+            signature = hashlib.sha256(data).digest()
+            if known is not None and known.signature == signature:
+                return []
+            objects = self._parse_file(path, data)
+        except MissingFile:
             self._files.pop(name, None)
             self.errors.pop(name, None)
             self._forget(name, before)
             return before
-        except OSError as e:
-            data = None
-            failure: Exception | None = e
-        signature = hashlib.sha256(data).digest() if data is not None else b""
-        if known is not None and data is not None and known.signature == signature:
-            return []
-        objects = None
-        if data is not None:
-            try:
-                objects = self._parse_file(path, data)
-                failure = None
-            except (ManifestError, UnicodeDecodeError, yaml.YAMLError,
-                    json.JSONDecodeError) as e:
-                failure = e
-        if objects is None:
-            message = f"{path}: {_describe_error(failure or OSError('unreadable'))}"
+        except Exception as e:
+            # ManifestError names the file; anything else would be our bug, and must not cost
+            # the other files their update nor the agent its loop: reported the same way.
+            message = str(e) if isinstance(e, ManifestError) else (
+                f"{path}: cannot be read: {type(e).__name__}: {e}")
             if self.errors.get(name) != message:
                 log.error("manifest rejected, keeping its last good content: %s", message,
                           extra={"file": str(path)})
@@ -190,26 +204,44 @@ class ManifestSource(Source):
             self._view[key] = obj
             batch.events.append(Event(key, obj))
 
-    def _read_revision(self) -> str | None:
+    def _read_revision(self, batch: Batch) -> str | None:
+        """The text of .revision; None if there is none. One that cannot be read is reported
+        and the last good revision stays: the manifests are still at least that new."""
+        path = self.directory / REVISION_FILE
         try:
-            return (self.directory / REVISION_FILE).read_text().strip()
-        except FileNotFoundError:
+            data = read_regular_file(path, max_bytes=MAX_REVISION_BYTES)
+            revision = data.decode("utf-8").strip()
+        except MissingFile:
+            self.errors.pop(REVISION_FILE, None)
             return None
+        except Exception as e:
+            message = str(e) if isinstance(e, ManifestError) else (
+                f"{path}: not UTF-8: {e.reason} at byte {e.start}"
+                if isinstance(e, UnicodeDecodeError)
+                else f"{path}: cannot be read: {type(e).__name__}: {e}")
+            if self.errors.get(REVISION_FILE) != message:
+                log.error("revision file ignored, keeping revision %s: %s", self.revision,
+                          message, extra={"file": str(path)})
+            self.errors[REVISION_FILE] = message
+            batch.errors.append(message)
+            return self.revision
+        self.errors.pop(REVISION_FILE, None)
+        return revision
 
     def _parse_file(self, path: Path, data: bytes) -> dict[ObjectKey, KubeObject]:
-        text = data.decode("utf-8")
+        where = str(path)
         if path.suffix == ".json":
-            docs = [json.loads(text)]
+            docs = [load_json(data, where, max_bytes=MAX_MANIFEST_BYTES)]
         else:
-            docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
+            docs = load_yaml_documents(data, where, max_bytes=MAX_MANIFEST_BYTES)
         objects: dict[ObjectKey, KubeObject] = {}
-        for raw in _flatten(docs, path):
-            key = object_key(raw, str(path))
+        for raw in _flatten(docs, where):
+            key = object_key(raw, where)
             if key.kind not in KINDS:
                 continue
             if key in objects:
                 raise ManifestError(f"{path}: {key} appears twice")
-            objects[key] = parse(raw, str(path))
+            objects[key] = parse(raw, where)
         return objects
 
 
@@ -217,27 +249,28 @@ def _is_manifest(name: str) -> bool:
     return not name.startswith(".") and name.endswith(SUFFIXES)
 
 
-def _flatten(docs: list[Any], path: Path) -> list[dict[str, Any]]:
-    out = []
+def _flatten(docs: list[Any], where: str) -> list[dict[str, Any]]:
+    """The objects of ``docs``, List wrappers unpacked."""
+    out: list[dict[str, Any]] = []
     for i, doc in enumerate(docs):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise ManifestError(f"{path}: document {i + 1} is not a mapping")
-        if doc.get("kind") == "List" or (
-            str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list)
-        ):
-            out.extend(_flatten(doc.get("items") or [], path))
-        else:
-            out.append(doc)
+        _unpack(doc, where, f"document {i + 1}", out)
     return out
 
 
-def _describe_error(e: Exception) -> str:
-    if isinstance(e, ManifestError):
-        # Already prefixed with the file; keep the part after it.
-        text = str(e)
-        return text.split(": ", 1)[1] if ": " in text else text
-    if isinstance(e, yaml.YAMLError):
-        return f"invalid YAML: {e}".replace("\n", " ")
-    return str(e)
+def _unpack(doc: Any, where: str, at: str, out: list[dict[str, Any]]) -> None:
+    # Recursion through nested Lists is bounded: decode refuses documents deeper than 64.
+    if doc is None:
+        return
+    if type(doc) is not dict:
+        raise ManifestError(f"{where}: {at} is not a mapping")
+    kind = doc.get("kind")
+    items = doc.get("items")
+    if kind == "List" or (type(kind) is str and kind.endswith("List") and type(items) is list):
+        if items is None:
+            return
+        if type(items) is not list:
+            raise ManifestError(f"{where}: {at}: items: must be a list")
+        for j, item in enumerate(items):
+            _unpack(item, where, f"{at}: items[{j}]", out)
+    else:
+        out.append(doc)

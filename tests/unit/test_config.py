@@ -63,7 +63,8 @@ def test_shipped_file_loads(manifests: Path) -> None:
     assert cfg.prefer_close_scopes == (Scope.NETWORK, Scope.REGION, Scope.ZONE, Scope.SUBZONE)
     assert cfg.status_file == Path("/run/kmesh-plugin/status.json")
     assert (cfg.log_level, cfg.log_format) == ("info", "keyvalue")
-    assert cfg.node_name  # "" means the host name, which is never empty
+    assert cfg.kubeconfig is None
+    assert cfg.node_name  # "" means $NODE_NAME or the host name, which is never empty
 
 
 def test_shipped_file_documents_every_key_with_its_default() -> None:
@@ -122,6 +123,84 @@ log_format = "json"
     assert (cfg.log_level, cfg.log_format) == ("debug", "json")
 
 
+def test_capacity_bounds_are_accepted(tmp_path: Path, manifests: Path) -> None:
+    text = "[datapath]\nmax_services = 1048576\nmax_endpoints = 16777216\n"
+    assert load(write(tmp_path, text, manifests)).capacities == Capacities(1 << 20, 1 << 24)
+    text = "[datapath]\nmax_services = 1\nmax_endpoints = 1\n"
+    assert load(write(tmp_path, text, manifests)).capacities == Capacities(1, 1)
+
+
+def test_capacity_bounds_keep_every_map_inside_u32() -> None:
+    # What the limits promise, checked against the loader's own map specs.
+    from kmesh_plugin.datapath.loader import map_specs
+
+    biggest = Capacities(config_mod.MAX_SERVICES, config_mod.MAX_ENDPOINTS)
+    for name, spec in map_specs(biggest).items():
+        assert 0 < spec.max_entries < 2**32, name
+    for name, spec in map_specs(Capacities(1, 1)).items():
+        assert spec.max_entries > 0, name
+
+
+# -- node name ------------------------------------------------------------------------------
+
+
+def test_node_name_from_the_file_wins(
+    tmp_path: Path, manifests: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NODE_NAME", "from-env")
+    assert load(write(tmp_path, '[node]\nname = "worker1"\n', manifests)).node_name == "worker1"
+
+
+def test_node_name_from_the_environment(
+    tmp_path: Path, manifests: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NODE_NAME", "from-env")
+    assert load(write(tmp_path, "", manifests)).node_name == "from-env"
+
+
+def test_node_name_falls_back_to_the_host_name(
+    tmp_path: Path, manifests: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    monkeypatch.setattr(config_mod.socket, "gethostname", lambda: "the-host")
+    assert load(write(tmp_path, "", manifests)).node_name == "the-host"
+    monkeypatch.setenv("NODE_NAME", "")  # set but empty: as unset
+    assert load(write(tmp_path, "", manifests)).node_name == "the-host"
+
+
+# -- the Kubernetes source's keys -----------------------------------------------------------
+
+
+def test_kubernetes_source_needs_no_manifest_directory(tmp_path: Path) -> None:
+    text = f'[source]\nkind = "kubernetes"\npath = "{tmp_path / "nowhere"}"\n'
+    cfg = load(write(tmp_path, text))
+    assert cfg.source_kind == "kubernetes"
+    assert cfg.kubeconfig is None  # "": in-cluster, then $KUBECONFIG, then ~/.kube/config
+
+
+def test_kubeconfig_is_read(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    text = f'[source]\nkind = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
+    assert load(write(tmp_path, text)).kubeconfig == kubeconfig
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_kubeconfig_must_be_an_existing_file(tmp_path: Path, what: str) -> None:
+    kubeconfig = tmp_path / "kube"
+    if what == "directory":
+        kubeconfig.mkdir()
+    text = f'[source]\nkind = "kubernetes"\nkubeconfig = "{kubeconfig}"\n'
+    error = _rejected(write(tmp_path, text), "source.kubeconfig")
+    assert str(kubeconfig) in error.message
+
+
+def test_manifest_source_still_needs_its_directory(tmp_path: Path) -> None:
+    text = f'[source]\nkind = "manifests"\npath = "{tmp_path / "nowhere"}"\n'
+    error = _rejected(write(tmp_path, text), "source.path")
+    assert "is not a directory" in error.message
+
+
 def test_overrides_win_over_the_file(tmp_path: Path, manifests: Path) -> None:
     path = write(tmp_path, '[node]\nname = "a"\n', manifests)
     assert load(path, overrides={"node.name": "b"}).node_name == "b"
@@ -172,8 +251,18 @@ def _rejected(path: Path, key: str | None, *overrides: tuple[str, Any]) -> Confi
         ("[agent]\nstatus_file = 'status.json'\n", "agent.status_file", "absolute"),
         ("[agent]\nlog_level = 'verbose'\n", "agent.log_level", "one of"),
         ("[agent]\nlog_format = 'text'\n", "agent.log_format", "keyvalue"),
-        ("[source]\nkind = 'kubernetes'\npath = '/'\n", "source.kind", "manifests"),
+        ("[source]\nkind = 'api'\npath = '/'\n", "source.kind", '"manifests" or "kubernetes"'),
+        ("[source]\nkind = 'Kubernetes'\npath = '/'\n", "source.kind", "or \"kubernetes\""),
         ("[source]\npath = 'manifests'\n", "source.path", "absolute"),
+        ("[source]\nkubeconfig = 'kube/config'\n", "source.kubeconfig", "absolute"),
+        ("[source]\nkubeconfig = 5\n", "source.kubeconfig", "a string"),
+        ("[datapath]\nmax_services = -1\n", "datapath.max_services", "must be > 0"),
+        ("[datapath]\nmax_endpoints = 0\n", "datapath.max_endpoints", "must be > 0"),
+        ("[datapath]\nmax_services = 1048577\n", "datapath.max_services", "at most 1048576"),
+        ("[datapath]\nmax_endpoints = 16777217\n", "datapath.max_endpoints",
+         "at most 16777216"),
+        ("[datapath]\nmax_endpoints = 4294967296\n", "datapath.max_endpoints",
+         "at most 16777216"),
     ],
 )
 def test_bad_values(tmp_path: Path, manifests: Path, text: str, key: str, fragment: str) -> None:

@@ -162,10 +162,52 @@ def test_other_kinds_and_files_are_ignored(directory: Path, source: ManifestSour
     )
     (directory / "README.md").write_text("kind: Node\n")
     (directory / ".hidden.yaml").write_text(dump(node("hidden")))
-    (directory / "subdir.yaml").mkdir()
+    (directory / "subdir").mkdir()
     batch = first(source)
     assert set(by_key(batch)) == {HELLO}
     assert batch.errors == []
+
+
+def test_a_directory_named_like_a_manifest_is_reported(
+    directory: Path, source: ManifestSource
+) -> None:
+    # Not silently skipped: someone meant it to be read. Reported, and nothing else changes.
+    (directory / "subdir.yaml").mkdir()
+    (directory / "good.yaml").write_text(dump(node("worker1")))
+    batch = first(source)
+    assert set(by_key(batch)) == {NODE1}
+    assert batch.errors == [f"{directory / 'subdir.yaml'}: is a directory, not a regular file"]
+    assert source.describe()["errors"] == {"subdir.yaml": batch.errors[0]}
+
+
+def test_symlinked_files_are_read(directory: Path, source: ManifestSource) -> None:
+    # A ConfigMap volume is a tree of symlinks: what a link points at is what counts.
+    target = directory.parent / "real.yaml"
+    target.write_text(dump(node("worker1")))
+    (directory / "linked.yaml").symlink_to(target)
+    (directory / "zero.yaml").symlink_to("/dev/zero")
+    (directory / "dangling.yaml").symlink_to(directory.parent / "absent.yaml")
+    batch = first(source)
+    assert set(by_key(batch)) == {NODE1}
+    assert batch.errors == [
+        f"{directory / 'zero.yaml'}: is a character device, not a regular file"
+    ]
+
+
+def test_a_configmap_update_is_seen(directory: Path, source: ManifestSource) -> None:
+    # kubelet's atomic writer: files link through ..data, an update swaps ..data alone.
+    v1, v2 = directory / "..v1", directory / "..v2"
+    v1.mkdir()
+    (v1 / "nodes.yaml").write_text(dump(node("worker1", zone="zone1")))
+    (directory / "..data").symlink_to("..v1")
+    (directory / "nodes.yaml").symlink_to("..data/nodes.yaml")
+    assert by_key(first(source))[NODE1].labels == {"topology.kubernetes.io/zone": "zone1"}
+    v2.mkdir()
+    (v2 / "nodes.yaml").write_text(dump(node("worker1", zone="zone2")))
+    (directory / "..data_tmp").symlink_to("..v2")
+    os.replace(directory / "..data_tmp", directory / "..data")
+    objects = by_key(changed(source))
+    assert objects[NODE1].labels == {"topology.kubernetes.io/zone": "zone2"}
 
 
 def test_start_on_a_missing_directory(tmp_path: Path) -> None:

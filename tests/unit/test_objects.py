@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -164,9 +165,11 @@ def test_fqdn_slice_is_not_ip_checked() -> None:
         (None, None, None, True, False),  # ready unset means ready
         (True, None, None, True, False),
         (False, None, None, False, False),
-        (None, None, True, True, True),  # serving unset follows ready (unset: ready)
+        (None, None, True, True, True),  # serving unset means serving
         (True, None, True, True, True),
-        (False, None, True, False, False),  # serving unset follows ready (false)
+        # Serving unset means serving even when not ready (SPEC.md section 5: kube-proxy and
+        # the v1 API read it so); it does not follow ready.
+        (False, None, True, False, True),
         (False, True, True, False, True),
         (False, False, True, False, False),
         (False, True, False, False, False),  # serving but not terminating
@@ -298,3 +301,189 @@ def test_unknown_kind() -> None:
 def test_labels_must_be_a_mapping() -> None:
     message = _error({"kind": "Node", "metadata": {"name": "worker1", "labels": ["a"]}})
     assert message.startswith("Node worker1: metadata.labels: ")
+
+
+# -- serving unset means serving (SPEC.md section 5) ----------------------------------------
+
+
+def test_terminating_endpoint_with_serving_unset_is_used_without_a_ready_one() -> None:
+    # kube-proxy's reading: a terminating endpoint whose slice leaves `serving` unset still
+    # serves, so with no ready endpoint it carries the traffic instead of nothing.
+    from kmesh_plugin.agent.planner import Planner
+    from kmesh_plugin.agent.state import ClusterState
+    from kmesh_plugin.datapath.records import Backend
+    from kmesh_plugin.hookspecs import StrategySettings
+    from kmesh_plugin.model import LocalityLabels, Scope
+    from kmesh_plugin.plugins import Plugins
+    from kmesh_plugin.sources.base import Event
+
+    objects = [
+        {"kind": "Node", "metadata": {"name": "worker1"}},
+        service(),
+        endpoint_slice(endpoints=[
+            {"addresses": ["198.19.1.1"], "nodeName": "worker1",
+             "conditions": {"ready": False, "terminating": True}},
+            {"addresses": ["198.19.1.2"], "nodeName": "worker1",
+             "conditions": {"ready": False, "serving": False, "terminating": True}},
+        ]),
+    ]
+    state = ClusterState(LocalityLabels(), "worker1")
+    state.apply([Event(object_key(o), parse(o)) for o in objects])
+    planner = Planner(Plugins.load(["local", "prefer_close"]),
+                      StrategySettings([Scope.NETWORK, Scope.REGION, Scope.ZONE, Scope.SUBZONE]))
+    plan = planner.plan_service(state, ("sample", "helloworld"))
+    assert plan is not None and len(plan.groups) == 1
+    # The one serving (unset) terminating endpoint; the one with serving: false is not used.
+    assert plan.groups[0].backends.tiers == ((Backend(ipaddress.ip_address("198.19.1.1"), 5000),),)
+
+
+def test_is_serving() -> None:
+    assert Conditions().is_serving
+    assert Conditions(ready=False).is_serving
+    assert not Conditions(serving=False).is_serving
+
+
+# -- any input: a parsed object or ManifestError naming object and field --------------------
+
+
+DEEP: Any = "x"
+for _ in range(2000):
+    DEEP = [DEEP]
+HUGE = 10 ** 5000  # str() of it raises ValueError (Python's digit limit)
+
+
+@pytest.mark.parametrize(
+    "obj", [None, "Node", 5, pytest.param(HUGE, id="huge"), ["kind", "Node"], DEEP, 1.5, True]
+)
+def test_an_object_that_is_not_a_mapping(obj: Any) -> None:
+    assert _error(obj, "/m/a.yaml") == "/m/a.yaml: an object needs kind and metadata.name"
+
+
+@pytest.mark.parametrize(
+    ("obj", "fragment"),
+    [
+        ({"kind": "Node", "metadata": {"name": 5}}, "Node: metadata.name: must be a string"),
+        ({"kind": "Node", "metadata": {"name": ["a"]}}, "Node: metadata.name: must be a string"),
+        ({"kind": "Node", "metadata": {"name": HUGE}}, "Node: metadata.name: must be a string"),
+        ({"kind": "Node", "metadata": {"name": "n" * 300}}, "metadata.name: "),
+        ({"kind": "Node", "metadata": {"name": "a\nb"}}, "Node: metadata.name: 'a\\nb' is not"),
+        ({"kind": "No\nde", "metadata": {"name": "a"}}, "kind: 'No\\nde' is not a Kubernetes kind"),
+        ({"kind": "Service", "metadata": {"name": "a", "namespace": ["x"]}},
+         "Service a: metadata.namespace: "),
+        ({"kind": "Service", "metadata": {"name": "a", "namespace": DEEP}},
+         "Service a: metadata.namespace: "),
+    ],
+)
+def test_bad_names(obj: dict[str, Any], fragment: str) -> None:
+    message = _error(obj, "/m/a.yaml")
+    assert message.startswith("/m/a.yaml: ") and fragment in message, message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("labels", "field"),
+    [
+        ({"a": ["b"]}, "metadata.labels['a']"),
+        ({"a": {"b": "c"}}, "metadata.labels['a']"),
+        ({"a": DEEP}, "metadata.labels['a']"),
+        ({"a": HUGE}, "metadata.labels['a']"),
+        ({"a": 2 ** 64}, "metadata.labels['a']"),
+        ({"a": b"bytes"}, "metadata.labels['a']"),
+        ({1: "b"}, "metadata.labels"),
+        ({None: "b"}, "metadata.labels"),
+    ],
+)
+def test_label_values_must_be_scalars(labels: dict[Any, Any], field: str) -> None:
+    message = _error({"kind": "Node", "metadata": {"name": "worker1", "labels": labels}})
+    assert message.startswith(f"Node worker1: {field}: "), message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"ports": [{"name": "http", "port": HUGE}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": "http", "port": -HUGE}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": "http", "port": 5000.0}]}, "spec.ports[0].port"),
+        ({"ports": [{"name": 5, "port": 80}]}, "spec.ports[0].name"),
+        ({"ports": [{"name": DEEP, "port": 80}]}, "spec.ports[0].name"),
+        ({"ports": [{"port": 80, "protocol": DEEP}]}, "spec.ports[0].protocol"),
+        ({"ports": [{"port": 80, "protocol": ["TCP"]}]}, "spec.ports[0].protocol"),
+        ({"ports": [{"port": 80, "targetPort": 0}]}, "spec.ports[0].targetPort"),
+        ({"ports": [{"port": 80, "targetPort": HUGE}]}, "spec.ports[0].targetPort"),
+        ({"ports": DEEP}, "spec.ports[0]"),
+        ({"clusterIP": HUGE}, "spec.clusterIP"),
+        ({"clusterIP": DEEP}, "spec.clusterIP"),
+        ({"clusterIPs": [DEEP]}, "spec.clusterIPs[0]"),
+        ({"clusterIP": "198.18.0.10\x00"}, "spec.clusterIP"),
+        ({"publishNotReadyAddresses": "false"}, "spec.publishNotReadyAddresses"),
+        ({"trafficDistribution": DEEP}, "spec.trafficDistribution"),
+        ({"trafficDistribution": {"a": HUGE}}, "spec.trafficDistribution"),
+        ({"trafficDistribution": [1] * 5000}, "spec.trafficDistribution"),
+        ({"selector": {"app": DEEP}}, "spec.selector['app']"),
+    ],
+)
+def test_hostile_service_fields_are_named(spec: dict[str, Any], field: str) -> None:
+    message = _error(service(**spec))
+    assert message.startswith(f"Service sample/helloworld: {field}: "), message
+    assert len(message) < 400
+
+
+def test_a_recursive_traffic_distribution_is_refused() -> None:
+    value: list[Any] = []
+    value.append(value)
+    message = _error(service(trafficDistribution=value))
+    assert message.startswith("Service sample/helloworld: spec.trafficDistribution: ")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "nodeName": {"n": 1}}]},
+         "endpoints[0].nodeName"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "nodeName": ["worker1"]}]},
+         "endpoints[0].nodeName"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "zone": 1}]}, "endpoints[0].zone"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "targetRef": ["pod"]}]},
+         "endpoints[0].targetRef"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "targetRef": {"name": DEEP}}]},
+         "endpoints[0].targetRef.name"),
+        ({"endpoints": [{"addresses": [HUGE]}]}, "endpoints[0].addresses[0]"),
+        ({"endpoints": [{"addresses": [DEEP]}]}, "endpoints[0].addresses[0]"),
+        ({"endpoints": [{"addresses": ["198.19.1.1"], "conditions": {"ready": HUGE}}]},
+         "endpoints[0].conditions.ready"),
+        ({"addressType": "FQDN", "endpoints": [{"addresses": [["example.invalid"]]}]},
+         "endpoints[0].addresses[0]"),
+        ({"ports": [{"name": "http", "port": HUGE}]}, "ports[0].port"),
+        ({"ports": [{"name": ["http"], "port": 80}]}, "ports[0].name"),
+        ({"ports": [{"name": "http", "port": 80, "protocol": "ICMP"}]}, "ports[0].protocol"),
+        ({"addressType": DEEP}, "addressType"),
+        ({"endpoints": DEEP}, "endpoints[0]"),
+    ],
+)
+def test_hostile_slice_fields_are_named(fields: dict[str, Any], field: str) -> None:
+    message = _error(endpoint_slice(**fields))
+    assert message.startswith(f"EndpointSlice sample/helloworld-abc: {field}: "), message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "shown"),
+    [
+        ({"type": ["x"] * 100_000}, "spec.type", "a list of 100000 items"),
+        ({"clusterIP": "x" * 100_000}, "spec.clusterIP", "'" + "x" * 64 + "'..."),
+        ({"type": 2 ** 70}, "spec.type", "an integer of 71 bits"),
+    ],
+)
+def test_values_in_messages_are_bounded(spec: dict[str, Any], field: str, shown: str) -> None:
+    message = _error(service(**spec))
+    assert message.startswith(f"Service sample/helloworld: {field}: "), message
+    assert shown in message
+    assert len(message) < 200
+
+
+def test_protocol_unset_is_tcp() -> None:
+    svc = parse_service(service(ports=[{"name": "http", "port": 80, "protocol": None}]))
+    assert svc.ports[0].protocol == "TCP"
+    eps = parse_slice(endpoint_slice(ports=[{"name": "http", "port": 80, "protocol": None}]))
+    assert eps.ports[0].protocol == "TCP"
