@@ -10,8 +10,14 @@ Rules for every hook:
 * Arguments are passed by keyword; an implementation may accept any subset of them, by name.
 * Strategy hooks are pure: they compute from their arguments and return. Only the core writes
   the BPF maps, and no hook runs per connection: they run when the cluster changes.
+* Every hook is called through the plugin manager (``pm.hook.<name>``), so hook wrappers
+  (``@hookimpl(wrapper=True)``), tracing and call monitoring see it, and ``firstresult`` ends
+  ``kmesh_endpoint_tiers`` at the first answer. What a wrapper returns is what the core uses,
+  attributed to the wrapper's plugin.
+* An exception from a strategy hook fails the plan of that Service (the kernel keeps its last
+  good state) with an error naming the plugin.
 * Lifecycle hooks are notifications; an exception raised in one is logged with the plugin's
-  name and does not stop the agent.
+  name and stops neither the agent nor the notification of the other plugins.
 
 A minimal third-party strategy::
 
@@ -94,7 +100,9 @@ def kmesh_node_locality_changed(
 ) -> None:
     """A node's locality changed (a relabel). ``is_local``: it is the agent's own node.
 
-    Called after the change has been reconciled into the maps.
+    Called after the change has been reconciled into the maps, and only when the locality
+    changed: another label change of the agent's own node recomputes every Service (strategies
+    see ``client.labels``) without calling this hook.
     """
 
 
@@ -144,5 +152,7 @@ def kmesh_endpoint_tiers(
     make it ineligible. The first implementation that returns a list decides; when none does,
     the core ranks by ``strategy.preference`` (SPEC.md section 3). Answer only for a strategy
     your plugin created (compare ``strategy.name``). ``endpoints`` are the eligible ones
-    (readiness is the core's concern, SPEC.md section 5).
+    (readiness is the core's concern, SPEC.md section 5); an endpoint's ``locality`` is its
+    node's (SPEC.md section 2: a node without a Node object has no labels). ``client.labels``
+    are current: any label change of the client node recomputes every Service.
     """

@@ -2,7 +2,8 @@
 
 The first reconcile after the source's initial sync is a full one: it also removes frontends
 that the maps hold but the cluster no longer has (a restart over changed state). After that,
-each batch of events recomputes only the Services it touches; a relabel of the agent's own node
+each batch of events recomputes only the Services it touches (and those waiting for a
+ClusterIP:port that a touched Service let go of); any label change of the agent's own node
 recomputes everything, and each group still switches at once (see datapath/writer.py).
 
 A reconcile that fails (a plugin error, a full map) changes nothing for the Services involved:
@@ -75,6 +76,8 @@ class Agent:
         self.status = status
         self.groups_of: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
         self._holder: dict[Frontend, ServiceKey] = {}  # who has each frontend in the maps
+        # Frontends a Service wants but another holds: it takes them over once they are let go.
+        self._refused: dict[ServiceKey, set[Frontend]] = {}
         self.synced = False
         self.revision: str | None = None
         self.last: ReconcileReport | None = None
@@ -211,14 +214,17 @@ class Agent:
     def _full(self) -> ReconcileReport:
         report = ReconcileReport(time.time(), 0.0, True, len(self.state.services), PublishStats())
         planned: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
+        kept_refusals: dict[ServiceKey, set[Frontend]] = {}
         for key in sorted(self.state.services):
             groups = self._plan(key, report)
             if groups is None:
                 # Planning failed: keep what the kernel has for this Service.
                 groups = self.groups_of.get(key, {})
+                if key in self._refused:
+                    kept_refusals[key] = self._refused[key]
             if groups:
                 planned[key] = groups
-        desired = self._claim_frontends(planned, report)
+        desired, refused = self._claim_frontends(planned, report)
         planned = {k: v for k, v in planned.items() if v}
         try:
             report.publish = self.writer.sync(desired)
@@ -229,21 +235,40 @@ class Agent:
             return report
         self.groups_of = planned
         self._holder = {f: key for key, groups in planned.items() for f in groups}
+        self._refused = {**kept_refusals, **refused}
         return report
 
     def _partial(self, services: set[ServiceKey]) -> ReconcileReport:
         report = ReconcileReport(time.time(), 0.0, False, len(services), PublishStats())
         changes: dict[Frontend, BackendSet | None] = {}
         planned: dict[ServiceKey, dict[Frontend, GroupPlan]] = {}
-        for key in sorted(services):
-            groups = self._plan(key, report)
-            if groups is None:
-                continue
-            planned[key] = groups
-            for frontend in self.groups_of.get(key, {}):
-                if frontend not in groups:
-                    changes[frontend] = None
-        changes.update(self._claim_frontends(planned, report))
+        failed: set[ServiceKey] = set()
+        todo = set(services)
+        while todo:
+            for key in sorted(todo):
+                groups = self._plan(key, report)
+                if groups is None:
+                    failed.add(key)
+                    continue
+                planned[key] = groups
+                for frontend in self.groups_of.get(key, {}):
+                    if frontend not in groups:
+                        changes[frontend] = None
+            # A frontend its holder lets go of goes, in this same publish, to a Service that
+            # was refused it: replan those too (SPEC.md section 6: no window without it).
+            released = {
+                frontend
+                for key, groups in planned.items()
+                for frontend in self.groups_of.get(key, {})
+                if frontend not in groups and self._holder.get(frontend) == key
+            }
+            todo = {
+                key for key, wanted in self._refused.items()
+                if wanted & released and key not in planned and key not in failed
+            }
+        report.services = len(planned) + len(failed)
+        claimed, refused = self._claim_frontends(planned, report)
+        changes.update(claimed)
         try:
             report.publish = self.writer.publish(changes)
         except KmeshError as e:
@@ -252,21 +277,22 @@ class Agent:
             log.error("publish failed, maps keep their last good state: %s", e,
                       extra={"services": sorted(f"{n}/{s}" for n, s in services)})
             return report
-        for key in services:
-            if key not in planned:
-                continue
+        for key, groups in planned.items():
             for frontend in self.groups_of.pop(key, {}):
                 if self._holder.get(frontend) == key:
                     del self._holder[frontend]
-            if planned[key]:
-                self.groups_of[key] = planned[key]
-                self._holder.update(dict.fromkeys(planned[key], key))
+            if groups:
+                self.groups_of[key] = groups
+                self._holder.update(dict.fromkeys(groups, key))
+            self._refused.pop(key, None)
+            if key in refused:
+                self._refused[key] = refused[key]
         return report
 
     def _plan(self, key: ServiceKey, report: ReconcileReport) -> dict[Frontend, GroupPlan] | None:
         """The Service's groups by frontend; {} when it has none; None when planning failed."""
         try:
-            plan = self.planner.plan_service(self.state, key)
+            plan = self.planner.plan_service(self.state, key, detail=False)
         except Exception as e:  # a plugin's bug must not take the agent down
             message = f"Service {key[0]}/{key[1]}: planning failed, kept last good state: {e}"
             report.errors.append(message)
@@ -274,8 +300,6 @@ class Agent:
             return None
         if plan is None:
             return {}
-        for group in plan.groups:
-            group.endpoints = []  # explain recomputes them; a large cluster needs the memory
         if plan.warning and (key, plan.warning) not in self._warned:
             self._warned.add((key, plan.warning))
             log.warning(plan.warning, extra={"service": f"{key[0]}/{key[1]}"})
@@ -283,10 +307,12 @@ class Agent:
 
     def _claim_frontends(
         self, planned: dict[ServiceKey, dict[Frontend, GroupPlan]], report: ReconcileReport
-    ) -> dict[Frontend, BackendSet]:
+    ) -> tuple[dict[Frontend, BackendSet], dict[ServiceKey, set[Frontend]]]:
         """One frontend, one Service. A ClusterIP:port wanted by two Services stays with the
         one that has it in the maps (else the first by namespace/name); the other is reported
-        with both names and gets no frontend there. Returns the sets of ``planned``."""
+        with both names and gets no frontend there. Returns the sets of ``planned`` and, per
+        Service of ``planned`` refused a frontend, those frontends (it gets them once the
+        holder lets them go: see ``_partial``)."""
 
         def wants(key: ServiceKey, frontend: Frontend) -> bool:
             groups = planned[key] if key in planned else self.groups_of.get(key, {})
@@ -295,6 +321,7 @@ class Agent:
         incumbent = self._holder
         taken: dict[Frontend, ServiceKey] = {}
         out: dict[Frontend, BackendSet] = {}
+        refused: dict[ServiceKey, set[Frontend]] = {}
         for key in sorted(planned):
             kept = {}
             for frontend, group in planned[key].items():
@@ -308,11 +335,12 @@ class Agent:
                     )
                     report.errors.append(message)
                     log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
+                    refused.setdefault(key, set()).add(frontend)
                     continue
                 kept[frontend] = group
                 out[frontend] = group.backends
             planned[key] = kept
-        return out
+        return out, refused
 
     # -- status -----------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ ServiceKey = tuple[str, str]  # (namespace, name)
 
 @dataclass
 class Impact:
-    """What a batch of events changed: Services to recompute, and relabelled nodes."""
+    """What a batch of events changed: Services to recompute (``everything`` after a label
+    change of the agent's own node), and the nodes whose locality changed."""
 
     services: set[ServiceKey] = field(default_factory=set)
     everything: bool = False
@@ -72,18 +73,26 @@ class ClusterState:
         match key.kind:
             case "Node":
                 before = self.locality(key.name)
+                old = self.nodes.get(key.name)
                 if isinstance(obj, Node):
                     self.nodes[key.name] = obj
                 else:
                     self.nodes.pop(key.name, None)
                 self._localities.pop(key.name, None)
                 after = self.locality(key.name)
+                if key.name == self.node_name:
+                    # Strategies see the client node's labels (NodeInfo.labels), not only its
+                    # locality: a plugin may rank by any of them, so any change recomputes
+                    # every Service (a locality change is one of these).
+                    old_labels = dict(old.labels) if old is not None else {}
+                    new_labels = dict(obj.labels) if isinstance(obj, Node) else {}
+                    if old_labels != new_labels:
+                        impact.everything = True
+                elif before != after:
+                    # Endpoints carry only their node's locality: nothing else can move them.
+                    impact.services |= self.services_on_node(key.name)
                 if before != after:
                     impact.relabelled.append((key.name, before, after))
-                    if key.name == self.node_name:
-                        impact.everything = True  # the client side of every tier moved
-                    else:
-                        impact.services |= self.services_on_node(key.name)
             case "Namespace":
                 if isinstance(obj, Namespace):
                     self.namespaces[key.name] = obj

@@ -29,8 +29,8 @@ from kmesh_plugin.datapath.records import (
 )
 from kmesh_plugin.datapath.writer import PublishStats
 from kmesh_plugin.errors import DatapathError
-from kmesh_plugin.hookspecs import StrategySettings
-from kmesh_plugin.model import LocalityLabels, Scope
+from kmesh_plugin.hookspecs import PRIORITY_THIRD_PARTY, StrategySettings
+from kmesh_plugin.model import Claim, LocalityLabels, Mode, Scope, Strategy
 from kmesh_plugin.model.objects import object_key, parse
 from kmesh_plugin.plugins import Plugins
 from kmesh_plugin.sources.base import Batch, Event, Source
@@ -113,14 +113,16 @@ def service(name: str, ip: str, ns: str = "sample", **spec: Any) -> dict[str, An
             "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}], **spec}}
 
 
-def eps(svc: str, *members: tuple[str, str], ns: str = "sample") -> dict[str, Any]:
+def eps(svc: str, *members: tuple[str, str], ns: str = "sample",
+        zone_hint: str | None = None) -> dict[str, Any]:
+    hint = {} if zone_hint is None else {"zone": zone_hint}
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": f"{svc}-x", "namespace": ns,
                      "labels": {"kubernetes.io/service-name": svc}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080}],
-        "endpoints": [{"addresses": [ip], "nodeName": n, "conditions": {"ready": True}}
+        "endpoints": [{"addresses": [ip], "nodeName": n, "conditions": {"ready": True}, **hint}
                       for ip, n in members],
     }
 
@@ -250,9 +252,138 @@ def test_a_clusterip_port_claimed_twice_stays_with_its_holder(plugins: Plugins) 
         "ignoring it here"
     ]
     assert writer.published[fe("198.19.0.10")] == BackendSet(MODE_RANDOM, ((be("198.18.1.1"),),))
-    # Once the holder is gone the frontend goes with it (the other Service changes next time).
+
+
+def _two_services_on_one_frontend(agent: Agent) -> None:
+    """sample/a holds 198.19.0.10:80; sample/0-early wants it too and is refused."""
+    agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"), eps("a", ("198.18.1.1", "w1"))),
+                       synced=True))
+    agent.handle(Batch(up(service("0-early", "198.19.0.10"),
+                          eps("0-early", ("198.18.9.9", "w2")))))
+
+
+def test_a_released_frontend_goes_to_the_refused_service_in_the_same_reconcile(
+    plugins: Plugins,
+) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    _two_services_on_one_frontend(agent)
+    report = agent.handle(Batch([gone(service("a", "198.19.0.10"))]))
+    assert report is not None and report.errors == []
+    early = BackendSet(MODE_RANDOM, ((be("198.18.9.9"),),))
+    assert writer.published[fe("198.19.0.10")] == early
+    # One write switches the frontend over: no moment in which it is missing.
+    assert writer.calls[-1] == {fe("198.19.0.10"): early}
+    # The new holder keeps it from now on.
+    report = agent.handle(Batch(up(service("a", "198.19.0.10"))))
+    assert report is not None
+    assert report.errors == [
+        "Service sample/a: 198.19.0.10:80/TCP is already used by Service sample/0-early; "
+        "ignoring it here"
+    ]
+    assert writer.published[fe("198.19.0.10")] == early
+
+
+def test_a_frontend_refused_at_the_initial_sync_is_taken_over_later(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    report = agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"),
+                                   eps("a", ("198.18.1.1", "w1")), service("b", "198.19.0.10"),
+                                   eps("b", ("198.18.2.2", "w2"))), synced=True))
+    assert report is not None and report.full
+    assert report.errors == [
+        "Service sample/b: 198.19.0.10:80/TCP is already used by Service sample/a; "
+        "ignoring it here"
+    ]
     agent.handle(Batch([gone(service("a", "198.19.0.10"))]))
-    assert fe("198.19.0.10") not in writer.published
+    assert writer.published == {fe("198.19.0.10"): BackendSet(MODE_RANDOM,
+                                                              ((be("198.18.2.2"),),))}
+
+
+def test_a_holder_that_moves_away_hands_the_frontend_over(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    _two_services_on_one_frontend(agent)
+    report = agent.handle(Batch(up(service("a", "198.19.0.20"))))
+    assert report is not None and report.errors == []
+    assert writer.published == {
+        fe("198.19.0.10"): BackendSet(MODE_RANDOM, ((be("198.18.9.9"),),)),
+        fe("198.19.0.20"): BackendSet(MODE_RANDOM, ((be("198.18.1.1"),),)),
+    }
+
+
+def test_a_takeover_whose_publish_failed_happens_on_the_retry(plugins: Plugins) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    _two_services_on_one_frontend(agent)
+    before = dict(writer.published)
+    writer.fail_next = DatapathError("datapath.max_services is 16")
+    report = agent.handle(Batch([gone(service("a", "198.19.0.10"))]))
+    assert report is not None and report.failed
+    assert writer.published == before
+    agent._retry_at = 0.0  # the backoff has passed
+    retry = agent.handle(Batch())
+    assert retry is not None and not retry.failed
+    assert writer.published == {fe("198.19.0.10"): BackendSet(MODE_RANDOM,
+                                                              ((be("198.18.9.9"),),))}
+
+
+def test_an_endpoint_follows_its_node_as_the_node_appears_and_goes(plugins: Plugins) -> None:
+    # SPEC.md section 2: an endpoint's locality is its node's; a node the agent has no
+    # object for has no labels. The slice's zone hint is not used: with it, w9's endpoint
+    # would count as zone z1 while w9 is unknown, and again after its Node is deleted.
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer, node_name="w4")
+    agent.handle(Batch(up(node("w4", **{ZONE: "z1"}),  # a client without a region label
+                          service("a", "198.19.0.10", trafficDistribution="PreferSameZone"),
+                          eps("a", ("198.18.9.1", "w9"), zone_hint="z1")), synced=True))
+    unknown_node = ((), (be("198.18.9.1"),), (), ())  # zone "" != z1: tier 1
+    assert writer.published[fe("198.19.0.10")].tiers == unknown_node
+    report = agent.handle(Batch(up(node("w9", **{ZONE: "z1"}))))
+    assert report is not None and report.services == 1
+    assert writer.published[fe("198.19.0.10")].tiers == ((be("198.18.9.1"),), (), (), ())
+    agent.handle(Batch([gone(node("w9"))]))
+    assert writer.published[fe("198.19.0.10")].tiers == unknown_node
+
+
+class BuddyRanker:
+    """A third party's strategy that ranks by a label that is no locality label: tier 0 is
+    the endpoint on the node that the client node's ``example.com/buddy`` label names."""
+
+    @hookimpl
+    def kmesh_strategy_claim(self) -> Claim:
+        return Claim(Strategy("Buddy", Mode.FAILOVER, (), "test"), PRIORITY_THIRD_PARTY)
+
+    @hookimpl
+    def kmesh_endpoint_tiers(self, strategy: Strategy, client: Any,
+                             endpoints: Any) -> list[int | None] | None:
+        if strategy.name != "Buddy":
+            return None
+        buddy = client.labels.get("example.com/buddy")
+        return [0 if e.node == buddy else 1 for e in endpoints]
+
+
+def test_own_node_relabel_of_a_non_locality_label_recomputes_every_service(
+    plugins: Plugins,
+) -> None:
+    writer = RecordingWriter()
+    rec = Recorder()
+    plugins.register(rec, "recorder")
+    plugins.register(BuddyRanker(), "buddy")
+    agent = make_agent(plugins, writer)
+    me = {REGION: "r", ZONE: "z1"}
+    agent.handle(Batch(up(node("w1", **me, **{"example.com/buddy": "w2"}), *WORLD[1:],
+                          service("a", "198.19.0.10"),
+                          eps("a", ("198.18.2.1", "w2"), ("198.18.3.1", "w3"))), synced=True))
+    assert writer.published[fe("198.19.0.10")].tiers == ((be("198.18.2.1"),),
+                                                          (be("198.18.3.1"),))
+    rec.seen.clear()
+    report = agent.handle(Batch(up(node("w1", **me, **{"example.com/buddy": "w3"}))))
+    assert report is not None and report.full
+    assert writer.published[fe("198.19.0.10")].tiers == ((be("198.18.3.1"),),
+                                                          (be("198.18.2.1"),))
+    # The locality did not change: the locality hook stays silent.
+    assert rec.seen == []
 
 
 class Exploding:

@@ -352,6 +352,33 @@ def test_local_without_any_endpoint(planner: Planner) -> None:
     assert group.endpoints == []
 
 
+class SameRegionStrictRanker:
+    """A third-party strict strategy that ranks endpoints itself."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    @hookimpl
+    def kmesh_strategy_claim(self) -> Claim:
+        return Claim(Strategy("Ranked", Mode.STRICT, (), "test"), PRIORITY_THIRD_PARTY)
+
+    @hookimpl
+    def kmesh_endpoint_tiers(self, endpoints: Sequence[EndpointInfo]) -> list[int | None]:
+        self.asked.append(len(endpoints))
+        return [0 for _ in endpoints]
+
+
+def test_strict_third_party_ranking_without_any_endpoint_refuses(planner: Planner) -> None:
+    ranker = SameRegionStrictRanker()
+    planner.plugins.register(ranker, "ranked")
+    state = cluster(*seed_nodes(), service())
+    group = only_group(planner.plan_service(state, SVC))
+    assert ranker.asked == [0]
+    assert group.ranked_by == "ranked"
+    # One empty tier 0: the kernel refuses the connect at once.
+    assert group.backends == BackendSet(MODE_STRICT, ((),))
+
+
 def test_local_seed_after_deleting_worker1s_instance(planner: Planner) -> None:
     state = seed_cluster(internalTrafficPolicy="Local")
     state.apply(events([endpoint_slice("helloworld-abc", [ep(EP2, "worker2"),
@@ -387,14 +414,15 @@ def test_failover_without_ready_uses_serving_terminating_ignoring_locality(
         endpoint_slice("s", [
             ep(EP1, "worker1", ready=False),  # local, but neither ready nor terminating
             ep(EP2, "worker2", ready=False, serving=True, terminating=True),
-            ep(EP3, "worker3", ready=False, terminating=True),  # serving unset -> not ready
+            ep(EP3, "worker3", ready=False, terminating=True),  # serving unset: serving (§5)
             ep("198.19.3.2", "worker3", ready=False, serving=True, terminating=True),
+            ep("198.19.3.3", "worker3", ready=False, serving=False, terminating=True),
         ]),
     )
     group = only_group(planner.plan_service(state, SVC))
-    assert group.backends == BackendSet(MODE_FAILOVER, ((b(EP2), b("198.19.3.2")),))
+    assert group.backends == BackendSet(MODE_FAILOVER, ((b(EP2), b(EP3), b("198.19.3.2")),))
     assert [(r.endpoint.address, r.tier is not None) for r in group.endpoints] == [
-        (EP1, False), (EP2, True), (EP3, False), ("198.19.3.2", True),
+        (EP1, False), (EP2, True), (EP3, True), ("198.19.3.2", True), ("198.19.3.3", False),
     ]
 
 
@@ -574,7 +602,12 @@ def test_endpoint_order_is_deterministic(planner: Planner) -> None:
         assert [r.endpoint.address for r in group.endpoints] == expected
 
 
-def test_endpoint_on_an_unknown_node_uses_the_zone_hint(planner: Planner) -> None:
+def test_endpoint_on_an_unknown_node_has_the_locality_of_an_unlabelled_node(
+    planner: Planner,
+) -> None:
+    # SPEC.md section 2: an endpoint's locality is its node's. The slice's zone hint is not
+    # used: it would go stale once the Node appears with a locality no different from "no
+    # labels" (nothing would recompute the Service).
     hinted = ep(EP3, "worker9")
     hinted["zone"] = "zone1"
     state = cluster(
@@ -583,11 +616,11 @@ def test_endpoint_on_an_unknown_node_uses_the_zone_hint(planner: Planner) -> Non
         endpoint_slice("s", [hinted, ep(EP2, None)]),
     )
     group = only_group(planner.plan_service(state, SVC))
-    # worker9 has no Node object: zone1 from the slice, but no region -> region mismatch.
     rows = {r.endpoint.address: r for r in group.endpoints}
-    assert rows[EP3].endpoint.locality.zone == "zone1"
+    assert rows[EP3].endpoint.locality == LocalityLabels().locality_of("worker9", {})
     assert rows[EP3].endpoint.node == "worker9"
-    assert rows[EP2].endpoint.node == ""
+    assert rows[EP2].endpoint.locality == LocalityLabels().locality_of("", {})
+    # Both lack a region, worker1 has one: network matches, region does not -> tier 2.
     assert group.backends == BackendSet(MODE_FAILOVER, ((), (), (b(EP2), b(EP3)), ()))
 
 
@@ -740,6 +773,23 @@ def test_node_update_without_locality_change_touches_nothing() -> None:
     impact = state.apply(events([relabel, node("worker1", "region", "zone1", "subzone1")]))
     assert impact == Impact()
     assert not impact
+
+
+def test_own_node_label_change_without_locality_change_touches_everything() -> None:
+    # Strategies see the client node's labels (NodeInfo.labels), not only its locality.
+    state = _busy_cluster()
+    relabel = node("worker1", "region", "zone1", "subzone1")
+    relabel["metadata"]["labels"]["example.com/rack"] = "r7"
+    impact = state.apply(events([relabel]))
+    assert impact.everything
+    assert impact.relabelled == []  # the locality did not change: no locality hook
+
+
+def test_own_node_appearing_without_locality_labels_touches_everything() -> None:
+    state = cluster(service(), client="worker1")
+    impact = state.apply(events([node("worker1")]))  # only kubernetes.io/hostname
+    assert impact.everything
+    assert impact.relabelled == []
 
 
 def test_node_deletion_is_a_relabel() -> None:
