@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
     status = _output_arg(_config_arg(
         sub.add_parser("status", help="agent health, links, map fill, last reconcile")))
+    status.add_argument("--ready", action="store_true",
+                        help="also exit 1 until the agent has synced with its source "
+                        "(a readiness probe; liveness needs only a live agent)")
     status.set_defaults(func=cmd_status)
 
     dp = sub.add_parser("datapath", help="manage the pinned datapath")
@@ -124,9 +127,16 @@ def _load_plugins(cfg: config_mod.Config) -> Plugins:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from kmesh_plugin.sources.factory import make_source
+
     cfg = _load_config(args.config)
     plugins = _load_plugins(cfg)
-    print(f"{cfg.path}: ok (node {cfg.node_name}, plugins {', '.join(plugins.names) or 'none'})")
+    try:
+        make_source(cfg).check()
+    except KmeshError as e:
+        raise ConfigError(cfg.path, "source", str(e)) from None
+    print(f"{cfg.path}: ok (node {cfg.node_name}, source {cfg.source_kind}, plugins "
+          f"{', '.join(plugins.names) or 'none'})")
     return 0
 
 
@@ -147,13 +157,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kmesh_plugin.datapath import loader
     from kmesh_plugin.datapath.bpftool import Bpftool
     from kmesh_plugin.hookspecs import StrategySettings
-    from kmesh_plugin.sources.manifests import ManifestSource
+    from kmesh_plugin.sources.factory import make_source
 
     # Everything that can be checked is checked before the kernel is touched.
     cfg = _load_config(args.config)
     logs.setup(cfg.log_level, cfg.log_format)
     plugins = _load_plugins(cfg)
-    source = ManifestSource(cfg.source_path)
+    source = make_source(cfg)
+    try:
+        source.check()
+    except KmeshError as e:
+        raise ConfigError(cfg.path, "source", str(e)) from None
     metrics = None
     if cfg.metrics:  # bound before the kernel is touched: a taken port changes nothing
         metrics = AgentMetrics(cfg.node_name)
@@ -214,12 +228,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit 0 when the agent is healthy and the datapath attached, 1 otherwise."""
+    """Exit 0 when the agent is alive (heartbeat) and the datapath attached, 1 otherwise;
+    with --ready also 1 until the agent has synced. Source or reconcile errors are warnings:
+    restarting the agent cannot fix them, and the maps keep their last good state."""
     from kmesh_plugin.ops.status import render_status, status
 
     result = status(_load_config(args.config))
     print(json.dumps(result, indent=1) if args.output == "json" else render_status(result))
     healthy = result["agent"].get("healthy") and result["datapath"].get("attached")
+    if args.ready:
+        healthy = healthy and result["agent"].get("synced")
     return 0 if healthy else EXIT_FAILURE
 
 

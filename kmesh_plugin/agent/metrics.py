@@ -63,6 +63,7 @@ class AgentMetrics:
     def attach(self, agent: Agent) -> None:
         """Export the agent's kernel counters and map fill levels from now on."""
         self.registry.register(KernelCollector(agent))
+        self.registry.register(SourceCollector(agent))
         agent.metrics = self
 
     def serve(self, address: str, port: int) -> str:
@@ -126,3 +127,41 @@ class KernelCollector(Collector):
             entries.add_metric([name], used[name])
             capacity.add_metric([name], dp[name].max_entries)
         yield from (connects, refusals, entries, capacity)
+
+
+class SourceCollector(Collector):
+    """The API source's reflectors, read at scrape time: errors by reason, relists, watches.
+
+    Sources without reflectors (the manifest directory) export nothing here."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        resources = self.agent.source.describe().get("resources")
+        if not isinstance(resources, dict):
+            return
+        errors = CounterMetricFamily(
+            "kmesh_source_api_errors",
+            "Failed requests to the API server, by resource and reason (retried with backoff).",
+            labels=["resource", "reason"],
+        )
+        relists = CounterMetricFamily(
+            "kmesh_source_relists",
+            "Lists after the first (410 Gone: the watch history was compacted away).",
+            labels=["resource"],
+        )
+        watches = CounterMetricFamily("kmesh_source_watches", "Watch requests opened.",
+                                      labels=["resource"])
+        up = GaugeMetricFamily(
+            "kmesh_source_api_up",
+            "1 while the resource's last request to the API server succeeded.",
+            labels=["resource"],
+        )
+        for plural, r in sorted(resources.items()):
+            for reason, count in sorted((r.get("errors") or {}).items()):
+                errors.add_metric([plural, reason], count)
+            relists.add_metric([plural], r.get("relists") or 0)
+            watches.add_metric([plural], r.get("watches") or 0)
+            up.add_metric([plural], 0 if r.get("failing_since") else 1)
+        yield from (errors, relists, watches, up)

@@ -150,12 +150,17 @@ def read_links(pin_dir: Path) -> list[LinkView]:
         try:
             info = syscall.link_info(link_fd)
             view.link_id, view.prog_id, view.cgroup_id = info.id, info.prog_id, info.cgroup_id
-            prog_fd = syscall.prog_get_fd_by_id(info.prog_id)
+            # Through its pin, not BPF_PROG_GET_FD_BY_ID: that command needs CAP_SYS_ADMIN,
+            # which nothing else of the agent or its status probe needs (deploy/README.md).
+            prog_fd = syscall.obj_get(pin_dir / "progs" / name)
             try:
                 prog = syscall.prog_info(prog_fd)
-                view.prog_name, view.prog_tag = prog.name, prog.tag
             finally:
                 os.close(prog_fd)
+            if prog.id == info.prog_id:
+                view.prog_name, view.prog_tag = prog.name, prog.tag
+            else:  # an agent is swapping programs right now: the pin is about to follow
+                view.prog_name, view.prog_tag = f"(program id {info.prog_id}, not pinned)", ""
         except BpfError as e:
             view.error = str(e)
         finally:

@@ -20,7 +20,7 @@ from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.hookspecs import StrategySettings
 from kmesh_plugin.model import Locality
 from kmesh_plugin.plugins import Plugins
-from kmesh_plugin.sources.manifests import ManifestSource
+from kmesh_plugin.sources.factory import make_source, read_once
 
 
 @dataclass
@@ -74,14 +74,9 @@ class Explanation:
 
 def load_state(cfg: Config, node: str | None = None) -> ClusterState:
     """The cluster as the configured source shows it now (one full read)."""
-    source = ManifestSource(cfg.source_path)
-    source.start()
-    try:
-        batch = source.next_batch(0)
-    finally:
-        source.close()
+    batch = read_once(make_source(cfg))
     state = ClusterState(cfg.locality, node or cfg.node_name)
-    state.apply(batch.events if batch else [])
+    state.apply(batch.events)
     return state
 
 
@@ -100,7 +95,7 @@ def explain(
     if svc is None:
         known = sorted(f"{ns}/{n}" for ns, n in state.services if ns == namespace)
         raise KmeshError(
-            f"Service {namespace}/{service} is not in {cfg.source_path} "
+            f"Service {namespace}/{service} is not in the {cfg.source_kind} source "
             f"(Services in namespace {namespace}: {', '.join(known) or 'none'})"
         )
     planner = Planner(plugins, StrategySettings(cfg.prefer_close_scopes))

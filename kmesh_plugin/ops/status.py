@@ -63,34 +63,7 @@ def status(cfg: Config) -> dict[str, Any]:
         agent = None
         out["agent"] = {"running": False, "problem": f"no status at {cfg.status_file}: {e}"}
     if agent is not None:
-        pid = int(agent.get("pid") or 0)
-        alive = _agent_alive(pid)
-        age = time.time() - float(agent.get("updated_at") or 0)
-        problems = []
-        if not alive:
-            problems.append(f"agent pid {pid} is not running")
-        elif age > STALE_AFTER:
-            problems.append(f"no heartbeat for {age:.0f} s")
-        if not agent.get("synced"):
-            problems.append("not synced with its source yet")
-        last = agent.get("last_reconcile") or {}
-        if last.get("errors"):
-            problems.append(f"last reconcile reported {len(last['errors'])} error(s)")
-        if (agent.get("source") or {}).get("errors"):
-            problems.append("the source has rejected input")
-        out["agent"] = {
-            "running": alive,
-            "healthy": alive and not problems,
-            "problems": problems,
-            "pid": pid,
-            "heartbeat_age_seconds": round(age, 1),
-            "synced": agent.get("synced"),
-            "source": agent.get("source"),
-            "source_revision": agent.get("source_revision"),
-            "last_reconcile": last or None,
-            "plugins": agent.get("plugins"),
-            "metrics": agent.get("metrics"),
-        }
+        out["agent"] = _agent_health(agent)
     try:
         view = dump(cfg)
     except KmeshError as e:
@@ -112,6 +85,47 @@ def status(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _agent_health(agent: dict[str, Any]) -> dict[str, Any]:
+    pid = int(agent.get("pid") or 0)
+    alive = _agent_alive(pid)
+    age = time.time() - float(agent.get("updated_at") or 0)
+    # Problems make the agent unhealthy (and `status` exit 1: a liveness probe restarts it);
+    # warnings do not, since a restart cannot fix a broken manifest or an API outage, and the
+    # maps keep their last good state meanwhile.
+    problems = []
+    warnings = []
+    if not alive:
+        problems.append(f"agent pid {pid} is not running")
+    elif age > STALE_AFTER:
+        problems.append(f"no heartbeat for {age:.0f} s")
+    if not agent.get("synced"):
+        warnings.append("not synced with its source yet")
+    last = agent.get("last_reconcile") or {}
+    if last.get("errors"):
+        warnings.append(f"last reconcile reported {len(last['errors'])} error(s)")
+    source = agent.get("source") or {}
+    if source.get("errors"):
+        warnings.append("the source has rejected input")
+    for plural, r in (source.get("resources") or {}).items():
+        if r.get("failing_since"):
+            since = time.strftime("%H:%M:%S", time.localtime(r["failing_since"]))
+            warnings.append(f"{plural}: API errors since {since} ({r.get('last_error')})")
+    return {
+        "running": alive,
+        "healthy": alive and not problems,
+        "problems": problems,
+        "warnings": warnings,
+        "pid": pid,
+        "heartbeat_age_seconds": round(age, 1),
+        "synced": agent.get("synced"),
+        "source": agent.get("source"),
+        "source_revision": agent.get("source_revision"),
+        "last_reconcile": last or None,
+        "plugins": agent.get("plugins"),
+        "metrics": agent.get("metrics"),
+    }
+
+
 def _agent_alive(pid: int) -> bool:
     """The pid runs an agent (`kmesh-plugin run` or `python -m kmesh_plugin.cli run`)."""
     if pid <= 0:
@@ -131,10 +145,21 @@ def render_status(s: dict[str, Any]) -> str:
         health = "healthy" if agent["healthy"] else "UNHEALTHY: " + "; ".join(agent["problems"])
         lines.append(f"agent: pid {agent['pid']}, {health}, heartbeat "
                      f"{agent['heartbeat_age_seconds']} s ago")
+        for warning in agent.get("warnings") or []:
+            lines.append(f"  warning: {warning}")
         src = agent.get("source") or {}
-        lines.append(f"  source: {src.get('kind')} {src.get('path', '')}, synced "
-                     f"{agent['synced']}, revision {agent['source_revision']}, "
-                     f"{src.get('objects', '?')} objects")
+        where = src.get("path") or src.get("server") or ""
+        revision = agent["source_revision"]
+        if isinstance(revision, dict):
+            revision = ", ".join(f"{k} {v}" for k, v in revision.items())
+        lines.append(f"  source: {src.get('kind')} {where}, synced {agent['synced']}, "
+                     f"revision {revision}, {src.get('objects', '?')} objects")
+        for plural, r in (src.get("resources") or {}).items():
+            errors = sum((r.get("errors") or {}).values())
+            lines.append(f"    {plural:<15} {r.get('state')}, resourceVersion "
+                         f"{r.get('resource_version') or '-'}, {r.get('objects')} objects, "
+                         f"{r.get('relists')} relists, {errors} errors"
+                         + (f" (last: {r['last_error']})" if r.get("last_error") else ""))
         for file, problem in (src.get("errors") or {}).items():
             lines.append(f"    rejected {file}: {problem}")
         last = agent.get("last_reconcile")

@@ -34,6 +34,10 @@ class Source(abc.ABC):
 
     kind: str = "source"
 
+    def check(self) -> None:  # noqa: B027 - optional: most sources have nothing to check
+        """Check what can be checked without side effects (config files, credentials), so
+        the agent fails before it touches the kernel; raise a KmeshError naming the culprit."""
+
     @abc.abstractmethod
     def start(self) -> None:
         """Connect or open; raise a KmeshError naming the culprit if that is impossible."""
