@@ -25,20 +25,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         sp.add_argument("--json", type=Path, metavar="PATH",
                         help="write every step's tallies as JSON to PATH ('-': stdout)")
         sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
+        sp.add_argument("--source", choices=("kubernetes", "manifests"), default="kubernetes",
+                        help="how the agents read the cluster: watching the lab's API server "
+                        "(default), or a manifest directory the lab mirrors from it")
 
 
 def cmd_lab_seed(args: argparse.Namespace) -> int:
     from kmesh_lab.scenario import run_seed
 
     return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json)
+                    json_path=args.json, source=args.source)
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
     from kmesh_lab.scenario import run_file
 
     return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json)
+                    json_path=args.json, source=args.source)
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:

@@ -1,18 +1,25 @@
 """The lab: a multi-node Kubernetes-shaped cluster on one machine, with the real datapath.
 
+* An **API server** (:mod:`kmesh_lab.apiserver`, real HTTP on 127.0.0.1) holds the cluster.
+  Everything the lab does as a cluster component goes through it, as the real components do.
 * Each **node** is a cgroup v2 subtree with its own agent process (`kmesh-plugin run`), its own
-  pin dir and its own plugin.toml. The agents read one shared manifest directory: the lab's
-  "API server".
+  pin dir and its own plugin.toml. With ``source="kubernetes"`` (the default) the agents
+  watch the API server like agents on a real cluster; with ``source="manifests"`` they read
+  a manifest directory that the lab mirrors from the API server after every change.
 * Each **pod** is a network namespace wired by the real CNI bridge + host-local plugins into a
   fabric namespace, with its processes in a cgroup below its node's: the node's connect hook
   translates exactly that node's pods.
-* The lab plays **kubelet** (starts pod processes, reports readiness), the **scheduler**
-  (nodeSelector) and the **EndpointSlice controller** (ready pods -> slices).
+* The lab plays the **Deployment controller** (Pods for a Deployment's replicas, garbage
+  collection of orphans), the **scheduler** (nodeSelector, least loaded), the **kubelet** (starts
+  the pod's processes, reports its IPs and readiness in the Pod's status, and on deletion
+  turns it terminating before it stops it) and the **EndpointSlice controller** (slices from
+  the Pods' status). :meth:`Lab.reconcile` runs them until nothing changes: level-triggered,
+  so it is correct whoever changed the API server (a scenario step, or kubectl).
 
-After every change the lab bumps the manifest directory's ``.revision`` and waits until every
-agent's status file reports that revision: a condition, never a sleep. Everything created is
-recorded in ``<state>/lab.json`` and removed on exit, on Ctrl-C, and by ``kmesh-plugin lab down``
-after a crash.
+After every change the lab waits until every agent's status reports that it applied the API
+server's state (per resource, the resourceVersion of the last change): a condition, never a
+sleep. Everything created is recorded in ``<state>/lab.json`` and removed on exit, on Ctrl-C,
+and by ``kmesh-plugin lab down`` after a crash.
 """
 
 from __future__ import annotations
@@ -37,14 +44,18 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmesh_lab import cni, kube, netns, procs
+from kmesh_lab.apiserver import ApiError, ApiServer
 from kmesh_lab.kube import LabError, RunningPod
+from kmesh_lab.kubeclient import ApiStatusError, KubeClient
 from kmesh_plugin import config as config_mod
 from kmesh_plugin.config import Config
 from kmesh_plugin.datapath import loader
 from kmesh_plugin.datapath.mounts import BPFFS_DEFAULT, cgroup2_root, ensure_bpffs
+from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.ops.explain import Explanation, explain
 from kmesh_plugin.plugins import Plugins
 from kmesh_plugin.sources.inotify import Inotify
+from kmesh_plugin.sources.resources import WATCHED
 
 STATE_ROOT = Path("/run/kmesh-lab")
 PREFIX = "kmesh-lab-"
@@ -53,6 +64,12 @@ AGENT = [sys.executable, "-m", "kmesh_plugin.cli", "run", "--config"]
 CONVERGE_TIMEOUT = 30.0
 START_TIMEOUT = 30.0
 DEFAULT_BUILD_DIR = Path("/var/cache/kmesh-plugin")
+SOURCES = ("kubernetes", "manifests")
+# The kinds the agents read, in the order a manifest mirror writes them.
+AGENT_KINDS = ("Node", "Namespace", "Service", "EndpointSlice")
+# Bookmarks keep an agent's resourceVersion current for collections whose changes its label
+# selector filters out (a headless Service): the lab waits at most this long for those.
+BOOKMARK_INTERVAL = 1.0
 
 Printer = Callable[[str], None]
 
@@ -69,20 +86,25 @@ class Lab:
         build_dir: Path = DEFAULT_BUILD_DIR,
         log_level: str = "info",
         printer: Printer | None = None,
+        source: str = "kubernetes",
     ) -> None:
         if not nodes:
             raise LabError("a lab needs at least one node")
         if len(nodes) > 200:
             raise LabError("the lab gives each node a /24 of 198.18.0.0/16: at most 200 nodes")
+        if source not in SOURCES:
+            raise LabError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         self.id = secrets.token_hex(2)
         self.name = f"{PREFIX}{self.id}"  # 14 bytes: also the bridge name (<= 15)
         self.state = STATE_ROOT / self.id
         self.manifests = self.state / "manifests"
-        self.nodes: dict[str, dict[str, str]] = {}
+        self.kubeconfig = self.state / "kubeconfig"
+        self.source = source
+        self.initial_nodes: dict[str, dict[str, str]] = {}
         for node, labels in nodes.items():
             clean = {str(k): str(v) for k, v in (labels or {}).items() if v is not None}
             clean.setdefault(kube.HOSTNAME_LABEL, node)
-            self.nodes[node] = clean
+            self.initial_nodes[node] = clean
         self.strategies = dict(strategies or {})
         self.plugin_paths = [str(Path(p).resolve()) for p in plugin_paths or []]
         self.build_dir = build_dir
@@ -92,13 +114,32 @@ class Lab:
         self.pin_root = BPFFS_DEFAULT / self.name
         self.fabric = cni.Fabric(f"{self.name}-fabric", self.name, str(self.state),
                                  ipv6_subnet=kube.POD_CIDR6)
+        self.token = secrets.token_hex(16)
+        # TLS: kubectl sends a bearer token only to an https server, and the agents then speak
+        # to the lab as to a real cluster's API server.
+        self.api = ApiServer(token=self.token, admission=[self._admit],
+                             bookmark_interval=BOOKMARK_INTERVAL, tls=True)
+        self.kube: KubeClient | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.stopped_agents: set[str] = set()
-        self.pods: dict[tuple[str, str], RunningPod] = {}  # (namespace, pod name)
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, ns, name)
+        self.pods: dict[tuple[str, str], RunningPod] = {}  # the kubelets' running pods
         self.cluster_ips = kube.ClusterIPs()
-        self.revision = 0
+        self._mirror_revision = 0
         self._pod_seq = 0
+
+    @property
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """Node name -> its labels, as the API server has them now."""
+        if self.kube is None:
+            return dict(self.initial_nodes)
+        return {n["metadata"]["name"]: dict(n["metadata"].get("labels") or {})
+                for n in self.client.list("Node")}
+
+    @property
+    def client(self) -> KubeClient:
+        if self.kube is None:
+            raise LabError("the lab is not started")
+        return self.kube
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -121,22 +162,29 @@ class Lab:
         self._record()
         ensure_bpffs(BPFFS_DEFAULT)
         procs.make_cgroup(str(self.cgroup))
-        for node in self.nodes:
+        for node in self.initial_nodes:
             procs.make_cgroup(str(self.cgroup / node))
         self.fabric.create()
+        self.api.start()
+        self.api.write_kubeconfig(self.kubeconfig)
+        self.kube = KubeClient(self.api.url, self.token, ca_pem=self.api.certificate_pem)
+        self._record()
+        for node, labels in self.initial_nodes.items():
+            self.client.create({"apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": node, "labels": labels}})
         self._write_hosts()
-        for node in self.nodes:
-            self._put({"apiVersion": "v1", "kind": "Node",
-                       "metadata": {"name": node, "labels": self.nodes[node]}})
-        self._bump()
-        for node in self.nodes:
+        self._mirror()
+        for node in self.initial_nodes:
             self._start_agent(node)
         self.converge()
-        self.print(f"lab {self.id}: nodes {', '.join(self.nodes)} up, agents converged")
+        self.print(f"lab {self.id}: nodes {', '.join(self.initial_nodes)} up ({self.source} "
+                   "source), agents converged")
 
     def close(self) -> None:
         """Remove everything; keep going on errors and report them at the end."""
         errors = teardown(self.state, self._resources())
+        with contextlib.suppress(Exception):
+            self.api.stop()
         for line in errors:
             print(f"lab {self.id} cleanup: {line}", file=sys.stderr)
 
@@ -149,6 +197,9 @@ class Lab:
             "fabric": self.fabric.netns_name,
             "netns_prefix": self.name,
             "agents": {n: p.pid for n, p in self.agents.items()},
+            "api": self.api.url if self.kube is not None else None,
+            "kubeconfig": str(self.kubeconfig),
+            "source": self.source,
         }
 
     def _record(self) -> None:
@@ -158,6 +209,10 @@ class Lab:
 
     def _agent_config(self, node: str) -> Path:
         strategies = {"enabled": ["local", "prefer_close"], **self.strategies}
+        if self.source == "kubernetes":
+            source = ['kind = "kubernetes"', f"kubeconfig = {json.dumps(str(self.kubeconfig))}"]
+        else:
+            source = ['kind = "manifests"', f"path = {json.dumps(str(self.manifests))}"]
         lines = [
             "# generated by the lab",
             "[node]", f"name = {json.dumps(node)}",
@@ -168,7 +223,7 @@ class Lab:
             "max_services = 1024", "max_endpoints = 8192",
             "[strategies]",
             *(f"{k} = {json.dumps(v)}" for k, v in strategies.items()),
-            "[source]", 'kind = "manifests"', f"path = {json.dumps(str(self.manifests))}",
+            "[source]", *source,
             "[agent]",
             f"status_file = {json.dumps(str(self.status_path(node)))}",
             f"log_level = {json.dumps(self.log_level)}",
@@ -235,13 +290,23 @@ class Lab:
 
     # -- convergence ------------------------------------------------------------------------
 
-    def _bump(self) -> None:
-        self.revision += 1
-        _atomic_write(self.manifests / ".revision", str(self.revision))
+    def _targets(self) -> dict[str, int]:
+        """Per resource the agents read: the resourceVersion of its last change."""
+        return {r.plural: self.api.last_change(r.plural) for r in WATCHED}
+
+    def _applied(self, status: dict[str, Any] | None, targets: dict[str, int]) -> bool:
+        if not status:
+            return False
+        revision = status.get("source_revision")
+        if self.source == "manifests":
+            return revision is not None and int(revision) >= self._mirror_revision
+        if not isinstance(revision, dict):
+            return False
+        return all(int(revision.get(p) or 0) >= rv for p, rv in targets.items())
 
     def converge(self, timeout: float = CONVERGE_TIMEOUT) -> None:
-        """Wait until every agent has applied the current revision to its maps."""
-        want = self.revision
+        """Wait until every agent has applied the API server's current state to its maps."""
+        targets = self._targets()
         deadline = time.monotonic() + timeout
         with Inotify() as watch:
             watch.watch(self.state / "status")
@@ -253,35 +318,25 @@ class Lab:
                             f"agent of node {node} exited with {proc.returncode}:\n"
                             + self.agent_log(node)
                         )
-                    status = _read_json(self.status_path(node))
-                    rev = (status or {}).get("source_revision")
-                    if rev is None or int(rev) < want:
+                    if not self._applied(_read_json(self.status_path(node)), targets):
                         lagging.append(node)
                 if not lagging:
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    want = self._mirror_revision if self.source == "manifests" else targets
                     raise LabError(
-                        f"agents {', '.join(lagging)} did not reach revision {want} within "
+                        f"agents {', '.join(lagging)} did not reach {want} within "
                         f"{timeout:.0f} s; last log of {lagging[0]}:\n{self.agent_log(lagging[0])}"
                     )
                 watch.wait(min(remaining, 1.0))  # status files are replaced by rename
 
-    # -- objects ----------------------------------------------------------------------------
+    def settle(self) -> None:
+        """Run the controllers until nothing changes, then wait for the agents."""
+        self.reconcile()
+        self.converge()
 
-    def _manifest_name(self, kind: str, ns: str, name: str) -> str:
-        return f"{kind}_{ns or '_'}_{name}.yaml".replace("/", "_")
-
-    def _put(self, obj: dict[str, Any]) -> None:
-        kind, ns, name = kube.object_ref(obj, None) if obj["kind"] != "Node" else (
-            "Node", "", obj["metadata"]["name"])
-        if ns:
-            obj["metadata"]["namespace"] = ns
-        _atomic_write(self.manifests / self._manifest_name(kind, ns, name),
-                      yaml.safe_dump(obj, sort_keys=False))
-
-    def _drop(self, kind: str, ns: str, name: str) -> None:
-        (self.manifests / self._manifest_name(kind, ns, name)).unlink(missing_ok=True)
+    # -- objects: what kubectl would do -----------------------------------------------------
 
     def apply(self, text: str, namespace: str | None = None) -> list[str]:
         """Apply multi-document YAML as `kubectl apply` would; returns what it did."""
@@ -293,124 +348,322 @@ class Lab:
                 raise LabError(f"a manifest document must be a mapping, got {doc!r:.100}")
             docs.extend(doc.get("items") or [] if doc.get("kind") == "List" else [doc])
         refs = [kube.object_ref(d, namespace) for d in docs]  # validate all before acting
+        for doc, (kind, ns, _name) in zip(docs, refs, strict=True):
+            if kind in ("Deployment", "Pod"):
+                kube.pod_specs(doc, ns)  # images and containers: refused before anything runs
         done = []
         # Namespaces first, then Services, then workloads: the order kubectl users rely on.
         order = {"Namespace": 0, "Service": 1, "EndpointSlice": 2, "Deployment": 3, "Pod": 3}
         for doc, (kind, ns, name) in sorted(zip(docs, refs, strict=True),
                                             key=lambda t: order[t[1][0]]):
-            if ns and ("Namespace", "", ns) not in self.objects:
-                self._ensure_namespace(ns)
+            if ns and self.client.get("Namespace", None, ns) is None:
+                self.client.create({"apiVersion": "v1", "kind": "Namespace",
+                                    "metadata": {"name": ns}})
             doc = json.loads(json.dumps(doc))  # a private, plain copy
             if ns:
                 doc["metadata"]["namespace"] = ns
-            done.append(getattr(self, f"_apply_{kind.lower()}")(doc, ns, name))
-        self._sync_endpoints()
-        self._write_hosts()
-        self._bump()
-        self.converge()
+            done.append(self._apply_one(doc, kind, ns, name))
+        self.settle()
+        self._check_scheduled()
         return done
 
-    def _ensure_namespace(self, ns: str) -> None:
-        self._apply_namespace({"apiVersion": "v1", "kind": "Namespace",
-                               "metadata": {"name": ns}}, "", ns)
-
-    def _apply_namespace(self, doc: dict[str, Any], _ns: str, name: str) -> str:
-        existed = ("Namespace", "", name) in self.objects
-        self.objects[("Namespace", "", name)] = doc
-        self._put(doc)
-        return f"namespace/{name} {'configured' if existed else 'created'}"
-
-    def _apply_service(self, doc: dict[str, Any], ns: str, name: str) -> str:
-        from kmesh_plugin.model.objects import parse
-
-        existed = ("Service", ns, name) in self.objects
-        self.cluster_ips.assign(doc, (ns, name))
-        parse(doc, "lab")  # the agents will parse it too: reject it here with the same words
-        self.objects[("Service", ns, name)] = doc
-        self._put(doc)
-        return f"service/{name} {'configured' if existed else 'created'}"
-
-    def _apply_endpointslice(self, doc: dict[str, Any], ns: str, name: str) -> str:
-        from kmesh_plugin.model.objects import parse
-
-        parse(doc, "lab")
-        self.objects[("EndpointSlice", ns, name)] = doc
-        self._put(doc)
-        return f"endpointslice.discovery.k8s.io/{name} configured"
-
-    def _apply_deployment(self, doc: dict[str, Any], ns: str, name: str) -> str:
-        existed = ("Deployment", ns, name) in self.objects
-        if existed:
-            self._delete_pods([p for p in self.pods.values()
-                               if p.spec.namespace == ns and p.spec.owner == name])
-        specs = kube.pod_specs(doc, ns)
-        self.objects[("Deployment", ns, name)] = doc
-        for spec in specs:
-            self._start_pod(spec)
-        return f"deployment.apps/{name} {'configured' if existed else 'created'}"
-
-    def _apply_pod(self, doc: dict[str, Any], ns: str, name: str) -> str:
-        if (ns, name) in self.pods:
-            self._delete_pods([self.pods[(ns, name)]])
-        (spec,) = kube.pod_specs(doc, ns)
-        self.objects[("Pod", ns, name)] = doc
-        self._start_pod(spec)
-        return f"pod/{name} created"
+    def _apply_one(self, doc: dict[str, Any], kind: str, ns: str, name: str) -> str:
+        noun = {"Deployment": "deployment.apps", "EndpointSlice":
+                "endpointslice.discovery.k8s.io"}.get(kind, kind.lower())
+        current = self.client.get(kind, ns or None, name)
+        try:
+            if current is None:
+                self.client.create(doc)
+                return f"{noun}/{name} created"
+            if kind == "Pod":
+                # A Pod's spec cannot change: kubectl users delete and create it again.
+                self._delete_and_wait("Pod", ns, name)
+                self.client.create(doc)
+                return f"{noun}/{name} configured"
+            doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            self.client.replace(doc)
+            return f"{noun}/{name} configured"
+        except ApiStatusError as e:
+            raise LabError(f"{kind} {ns + '/' if ns else ''}{name}: {e}") from None
 
     def delete(self, kind: str, namespace: str | None, name: str) -> str:
         ns = "" if kind == "Namespace" else (namespace or "default")
-        if (kind, ns, name) not in self.objects:
+        if self.client.get(kind, ns or None, name) is None:
             raise LabError(f'{kind} "{name}" not found' + (f" in namespace {ns}" if ns else ""))
         if kind == "Namespace":
-            for k, o_ns, o_name in sorted(self.objects):
-                if o_ns == name:
-                    self.delete(k, o_ns, o_name)
-        elif kind in ("Deployment", "Pod"):
-            owned = [p for p in self.pods.values() if p.spec.namespace == ns and (
-                p.spec.owner == name if kind == "Deployment" else p.spec.name == name)]
-            self._delete_pods(owned)
-        elif kind == "Service":
-            self.cluster_ips.release((ns, name))
-            for slice_name in self._slices_of(ns, name):
-                self._drop("EndpointSlice", ns, slice_name)
-        del self.objects[(kind, ns, name)]
-        if kind not in ("Deployment", "Pod"):
-            self._drop(kind, ns, name)
-        self._write_hosts()
-        self._bump()
-        self.converge()
+            # The namespace controller's job: everything in it goes first.
+            for k in ("Deployment", "Pod", "Service", "EndpointSlice"):
+                for obj in self.client.list(k, name):
+                    self.client.delete(k, name, obj["metadata"]["name"])
+        self.client.delete(kind, ns or None, name)
+        self.settle()
+        if kind == "Pod":
+            self._wait_gone("Pod", ns, name)
         return f"{kind.lower()}/{name} deleted"
 
     def label(self, node: str, labels: Mapping[str, str | None]) -> str:
         """`kubectl label node --overwrite`: None removes a label."""
-        if node not in self.nodes:
+        current = self.client.get("Node", None, node)
+        if current is None:
             raise LabError(f'node "{node}" not found (nodes: {", ".join(self.nodes)})')
-        for key, value in labels.items():
-            if value is None:
-                self.nodes[node].pop(key, None)
-            else:
-                self.nodes[node][str(key)] = str(value)
-        self._put({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": node, "labels": self.nodes[node]}})
-        self._sync_endpoints()  # slices carry the node's zone
-        self._bump()
-        self.converge()
+        self.client.patch("Node", None, node, {"metadata": {"labels": {
+            str(k): (None if v is None else str(v)) for k, v in labels.items()}}})
+        self.settle()  # slices carry the node's zone
         return f"node/{node} labeled"
+
+    def _delete_and_wait(self, kind: str, ns: str, name: str) -> None:
+        self.client.delete(kind, ns, name)
+        self.settle()
+        self._wait_gone(kind, ns, name)
+
+    def _wait_gone(self, kind: str, ns: str, name: str) -> None:
+        deadline = time.monotonic() + CONVERGE_TIMEOUT
+        while self.client.get(kind, ns, name) is not None:
+            if time.monotonic() > deadline:
+                raise LabError(f"{kind} {ns}/{name} was not removed within "
+                               f"{CONVERGE_TIMEOUT:.0f} s")
+            self.reconcile()
+
+    def _check_scheduled(self) -> None:
+        for pod in self.client.list("Pod"):
+            for cond in (pod.get("status") or {}).get("conditions") or []:
+                if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                    meta = pod["metadata"]
+                    raise LabError(f"Pod {meta['namespace']}/{meta['name']}: "
+                                   f"{cond.get('message')}")
+
+    # -- admission: what the API server itself would do ------------------------------------
+
+    def _admit(self, verb: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        if obj.get("kind") != "Service" or verb not in ("create", "update"):
+            return
+        try:
+            self._admit_service(obj, old)
+        except KmeshError as e:  # answered as the real API server refuses an invalid object
+            raise ApiError(422, str(e), "Invalid") from None
+
+    def _admit_service(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        from kmesh_plugin.model.objects import parse
+
+        meta = obj["metadata"]
+        spec = obj.setdefault("spec", {})
+        if old is not None and not spec.get("clusterIPs") and not spec.get("clusterIP"):
+            # Immutable once allocated: an update without them keeps the old ones.
+            old_spec = old.get("spec") or {}
+            for key in ("clusterIP", "clusterIPs", "ipFamilies"):
+                if key in old_spec:
+                    spec[key] = old_spec[key]
+        for port in spec.get("ports") or []:
+            if isinstance(port, dict):
+                port.setdefault("protocol", "TCP")
+                port.setdefault("targetPort", port.get("port"))
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        self.cluster_ips.assign(obj, (meta["namespace"], meta["name"]))
+        parse(obj, "lab")  # the agents will parse it too: reject it here with the same words
+
+    # -- the controllers --------------------------------------------------------------------
+
+    def reconcile(self, rounds: int = 20) -> None:
+        """Run the Deployment controller, scheduler, kubelets and EndpointSlice controller
+        until a round changes nothing."""
+        for _ in range(rounds):
+            changed = self._deployments()
+            changed |= self._schedule()
+            changed |= self._kubelets()
+            changed |= self._endpoint_slices()
+            if not changed:
+                break
+        self._release_cluster_ips()
+        self._write_hosts()
+        self._mirror()
+
+    def _deployments(self) -> bool:
+        """Pods for each Deployment's replicas of its current template; orphans deleted."""
+        changed = False
+        pods = self.client.list("Pod")
+        deployments = {d["metadata"]["uid"]: d for d in self.client.list("Deployment")}
+        for uid, dep in deployments.items():
+            meta, spec = dep["metadata"], dep.get("spec") or {}
+            digest = kube.template_hash(spec.get("template") or {})
+            owned = [p for p in pods if (kube.owner_of(p) or ("", ""))[1] == uid]
+            live = [p for p in owned if not kube.pod_terminating(p)]
+            current = [p for p in live
+                       if (p["metadata"].get("labels") or {}).get(kube.TEMPLATE_HASH_LABEL)
+                       == digest]
+            replicas = spec.get("replicas", 1)
+            stale = [p for p in live if p not in current]
+            extra = sorted(current, key=lambda p: p["metadata"]["name"])[replicas:]
+            for p in stale + extra:
+                self.client.delete("Pod", meta["namespace"], p["metadata"]["name"])
+                changed = True
+            for _ in range(max(0, replicas - len(current))):
+                self.client.create(kube.pod_for(dep))
+                changed = True
+            ready = sum(1 for p in current if kube.pod_ready(p))
+            status = {
+                "observedGeneration": meta.get("generation", 1),
+                "replicas": len(owned), "updatedReplicas": len(current),
+                "readyReplicas": ready, "availableReplicas": ready,
+                "unavailableReplicas": max(0, replicas - ready),
+                "conditions": [{"type": "Available",
+                                "status": "True" if ready >= replicas else "False"}],
+            }
+            if (dep.get("status") or {}) != status:
+                self.client.patch("Deployment", meta["namespace"], meta["name"],
+                                  {"status": status}, subresource="status")
+        # The garbage collector: pods whose Deployment is gone.
+        for p in pods:
+            owner = kube.owner_of(p)
+            if owner and owner[1] not in deployments and not kube.pod_terminating(p):
+                self.client.delete("Pod", p["metadata"]["namespace"], p["metadata"]["name"])
+                changed = True
+        return changed
+
+    def _schedule(self) -> bool:
+        """Bind each unscheduled pod to a node its nodeSelector fits, least loaded first."""
+        changed = False
+        nodes = self.nodes
+        pods = self.client.list("Pod")
+        load: dict[str, int] = {}
+        for p in pods:
+            node = (p.get("spec") or {}).get("nodeName")
+            if node:
+                load[node] = load.get(node, 0) + 1
+        for p in pods:
+            meta, spec = p["metadata"], p.get("spec") or {}
+            if spec.get("nodeName") or kube.pod_terminating(p):
+                continue
+            try:
+                node = kube.schedule(kube.pod_spec_of(p), nodes, load)
+            except LabError as e:
+                condition = {"type": "PodScheduled", "status": "False",
+                             "reason": "Unschedulable", "message": str(e)}
+                if condition not in ((p.get("status") or {}).get("conditions") or []):
+                    self.client.patch("Pod", meta["namespace"], meta["name"],
+                                      {"status": {"phase": "Pending",
+                                                  "conditions": [condition]}},
+                                      subresource="status")
+                continue
+            self.client.patch("Pod", meta["namespace"], meta["name"],
+                              {"spec": {"nodeName": node}})
+            load[node] = load.get(node, 0) + 1
+            changed = True
+        return changed
+
+    def _kubelets(self) -> bool:
+        """Start scheduled pods; a deleted pod turns terminating, the agents converge on
+        that, then it stops and its object goes (graceful deletion)."""
+        changed = False
+        pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
+                for p in self.client.list("Pod")}
+        for key, running in list(self.pods.items()):
+            obj = pods.get(key)
+            if obj is None or obj["metadata"].get("uid") != running.extra.get("uid"):
+                self._stop_pod(running)  # removed without grace: stop at once
+                del self.pods[key]
+                changed = True
+        for (ns, name), p in pods.items():
+            if kube.pod_terminating(p) and (ns, name) not in self.pods:
+                self.client.delete("Pod", ns, name, grace_seconds=0)  # it never ran here
+                changed = True
+        terminating = [self.pods[k] for k, p in pods.items()
+                       if k in self.pods and kube.pod_terminating(p)]
+        if terminating:
+            for pod in terminating:
+                pod.terminating = True
+            # Endpoints turn serving+terminating and every agent applies that before the
+            # processes stop: a connect in between never meets a dead endpoint.
+            self._endpoint_slices()
+            self._mirror()
+            self.converge()
+            for pod in terminating:
+                self._stop_pod(pod)
+                del self.pods[(pod.spec.namespace, pod.spec.name)]
+                self.client.delete("Pod", pod.spec.namespace, pod.spec.name, grace_seconds=0)
+                self.print(f"  pod {pod.spec.namespace}/{pod.spec.name} on {pod.node} deleted")
+            changed = True
+        for key, obj in pods.items():
+            node = (obj.get("spec") or {}).get("nodeName")
+            if key in self.pods or not node or kube.pod_terminating(obj):
+                continue
+            if node not in self.initial_nodes:
+                continue  # a node without a kubelet in this lab
+            self._start_pod(obj, node)
+            changed = True
+        return changed
+
+    def _endpoint_slices(self) -> bool:
+        """Every selector Service's EndpointSlices, from the Pods' status."""
+        changed = False
+        nodes = self.nodes
+        zones = {n: labels.get("topology.kubernetes.io/zone", "") for n, labels in nodes.items()}
+        pods = self.client.list("Pod")
+        ours = {(s["metadata"]["namespace"], s["metadata"]["name"]): s
+                for s in self.client.list("EndpointSlice",
+                                          label_selector=f"{kube.MANAGED_BY_LABEL}=kmesh-lab")}
+        want: dict[tuple[str, str], dict[str, Any]] = {}
+        for svc in self.client.list("Service"):
+            for s in kube.endpoint_slices(svc, pods, zones):
+                want[(s["metadata"]["namespace"], s["metadata"]["name"])] = s
+        for key, s in want.items():
+            have = ours.get(key)
+            if have is None:
+                self.client.create(s)
+                changed = True
+            elif (have.get("endpoints"), have.get("ports")) != (s["endpoints"], s["ports"]):
+                s["metadata"]["resourceVersion"] = have["metadata"]["resourceVersion"]
+                self.client.replace(s)
+                changed = True
+        for key in ours.keys() - want.keys():
+            self.client.delete("EndpointSlice", *key)
+            changed = True
+        return changed
+
+    def _release_cluster_ips(self) -> None:
+        existing = {(s["metadata"]["namespace"], s["metadata"]["name"])
+                    for s in self.client.list("Service")}
+        for key in {owner for owner in self.cluster_ips.used.values()} - existing:
+            self.cluster_ips.release(key)
+
+    def _mirror(self) -> None:
+        """Manifests mode: write what the agents read into their directory, then .revision."""
+        if self.source != "manifests":
+            return
+        revision = self.api.revision
+        if revision == self._mirror_revision:
+            return
+        keep = set()
+        for kind in AGENT_KINDS:
+            for obj in self.client.list(kind):
+                meta = obj["metadata"]
+                name = f"{kind}_{meta.get('namespace') or '_'}_{meta['name']}.yaml"
+                keep.add(name)
+                path = self.manifests / name
+                text = yaml.safe_dump(obj, sort_keys=False)
+                if not path.exists() or path.read_text() != text:
+                    _atomic_write(path, text)
+        for path in self.manifests.glob("*.yaml"):
+            if path.name not in keep:
+                path.unlink()
+        self._mirror_revision = revision
+        _atomic_write(self.manifests / ".revision", str(revision))
+
+    def _write_hosts(self) -> None:
+        services = self.client.list("Service") if self.kube is not None else []
+        _atomic_write(self.state / "hosts", kube.hosts_file(services))
 
     # -- pods -------------------------------------------------------------------------------
 
-    def _start_pod(self, spec: kube.PodSpec) -> RunningPod:
-        load: dict[str, int] = {}
-        for p in self.pods.values():
-            load[p.node] = load.get(p.node, 0) + 1
-        node = kube.schedule(spec, self.nodes, load)
+    def _start_pod(self, obj: dict[str, Any], node: str) -> RunningPod:
+        spec = kube.pod_spec_of(obj)
         self._pod_seq += 1
         ns_name = f"{self.name}-p{self._pod_seq}"
         container_id = f"{self.name}-p{self._pod_seq}"
-        node_index = list(self.nodes).index(node) + 1
+        node_index = list(self.initial_nodes).index(node) + 1
         netns.add(ns_name)
         pod = RunningPod(spec, node, ip="", extra={"netns": ns_name, "cid": container_id,
-                                                    "procs": []})
+                                                    "procs": [], "uid": obj["metadata"]["uid"]})
         self.pods[(spec.namespace, spec.name)] = pod
         address = self.fabric.add_pod(
             ns_name, container_id,
@@ -438,25 +691,22 @@ class Lab:
         for _c, _proc, reader in pod.extra["procs"]:
             reader.expect("ready", START_TIMEOUT)  # kubelet's readiness probe
         pod.ready = True
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ips = [{"ip": pod.ip}] + ([{"ip": pod.ipv6}] if pod.ipv6 else [])
+        conditions = [{"type": t, "status": "True", "lastTransitionTime": now}
+                      for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
+        self.client.patch("Pod", spec.namespace, spec.name, {"status": {
+            "phase": "Running", "podIP": pod.ip, "podIPs": ips, "hostIP": "127.0.0.1",
+            "startTime": now, "conditions": conditions,
+            "containerStatuses": [
+                {"name": c.get("name"), "ready": True, "started": True, "restartCount": 0,
+                 "image": c.get("image"), "imageID": "",
+                 "state": {"running": {"startedAt": now}}}
+                for c in (obj.get("spec") or {}).get("containers") or []],
+        }}, subresource="status")
         self.print(f"  pod {spec.namespace}/{spec.name} running on {node} at {pod.ip}, "
                    f"{pod.ipv6}")
         return pod
-
-    def _delete_pods(self, pods: list[RunningPod]) -> None:
-        """Graceful, as the kubelet and the slice controller do it: the endpoints turn
-        terminating, the agents converge, then the processes stop and the endpoints go."""
-        if not pods:
-            return
-        for pod in pods:
-            pod.terminating = True
-        self._sync_endpoints()
-        self._bump()
-        self.converge()
-        for pod in pods:
-            self._stop_pod(pod)
-            del self.pods[(pod.spec.namespace, pod.spec.name)]
-            self.print(f"  pod {pod.spec.namespace}/{pod.spec.name} on {pod.node} deleted")
-        self._sync_endpoints()
 
     def _stop_pod(self, pod: RunningPod) -> None:
         for _c, proc, _reader in pod.extra.get("procs", []):
@@ -466,34 +716,6 @@ class Lab:
         netns.delete(pod.extra["netns"])
         if "cgroup" in pod.extra:
             procs.remove_cgroup_tree(pod.extra["cgroup"])
-
-    def _slices_of(self, ns: str, service: str) -> list[str]:
-        prefix = f"EndpointSlice_{ns}_{service}-"
-        return [p.name[len("EndpointSlice_" + ns + "_"):-len(".yaml")]
-                for p in self.manifests.glob(f"{prefix}*.yaml")]
-
-    def _sync_endpoints(self) -> None:
-        """Rewrite every selector Service's EndpointSlices from the running pods."""
-        zones = {n: labels.get("topology.kubernetes.io/zone", "") for n, labels in
-                 self.nodes.items()}
-        for (kind, ns, name), svc in list(self.objects.items()):
-            if kind != "Service" or not (svc.get("spec") or {}).get("selector"):
-                continue
-            slices = kube.endpoint_slices(svc, self.pods.values(), zones)
-            keep = {s["metadata"]["name"] for s in slices}
-            for old in self._slices_of(ns, name):
-                if old not in keep:
-                    self._drop("EndpointSlice", ns, old)
-            for s in slices:
-                path = self.manifests / self._manifest_name("EndpointSlice", ns,
-                                                            s["metadata"]["name"])
-                text = yaml.safe_dump(s, sort_keys=False)
-                if not path.exists() or path.read_text() != text:
-                    _atomic_write(path, text)
-
-    def _write_hosts(self) -> None:
-        services = [o for (k, _, _), o in self.objects.items() if k == "Service"]
-        _atomic_write(self.state / "hosts", kube.hosts_file(services))
 
     # -- traffic ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -244,15 +245,47 @@ def _families(spec: Mapping[str, Any], where: str) -> list[int]:
     return [4]
 
 
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """The pod's Ready condition, as its kubelet reported it."""
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return c.get("status") == "True"
+    return False
+
+
+def pod_terminating(pod: Mapping[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def pod_ips(pod: Mapping[str, Any]) -> dict[str, str]:
+    """The pod's addresses by family ("IPv4", "IPv6") from status.podIPs."""
+    out: dict[str, str] = {}
+    for entry in (pod.get("status") or {}).get("podIPs") or []:
+        ip = entry.get("ip") if isinstance(entry, Mapping) else None
+        if isinstance(ip, str):
+            out.setdefault("IPv6" if ":" in ip else "IPv4", ip)
+    return out
+
+
+def container_port(pod: Mapping[str, Any], name: str) -> int | None:
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == name and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    return None
+
+
 def endpoint_slices(
-    service: Mapping[str, Any], pods: Iterable[RunningPod], node_zone: Mapping[str, str]
+    service: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], node_zone: Mapping[str, str]
 ) -> list[dict[str, Any]]:
-    """The EndpointSlices the controller would publish for a Service with a selector.
+    """The EndpointSlices the controller would publish for a Service with a selector, from the
+    Pod objects (their status as the kubelet wrote it).
 
     One set of slices per IP family of the Service (addressType IPv4 / IPv6, the pods'
     address of that family). Pods are grouped by their resolved target ports (a named
-    targetPort can differ per pod); a ready pod is ready+serving, a terminating one is
-    serving+terminating and not ready.
+    targetPort can differ per pod). As the real controller: serving is the pod's Ready
+    condition, terminating is its deletionTimestamp, ready is serving and not terminating;
+    pods neither ready nor terminating (starting up) are left out.
     """
     meta = service["metadata"]
     spec = service.get("spec") or {}
@@ -260,17 +293,21 @@ def endpoint_slices(
     if not selector:
         return []  # selectorless: the user supplies EndpointSlices
     ns, name = meta["namespace"], meta["name"]
-    groups: dict[tuple[tuple[str, int, str], ...], list[RunningPod]] = {}
-    for pod in sorted(pods, key=lambda p: p.spec.name):
-        if pod.spec.namespace != ns or not (pod.ready or pod.terminating):
+    groups: dict[tuple[tuple[str, int, str], ...], list[Mapping[str, Any]]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        pmeta = pod["metadata"]
+        if pmeta.get("namespace") != ns or not pod_ips(pod):
             continue
-        if any(pod.spec.labels.get(k) != v for k, v in selector.items()):
+        if not (pod_ready(pod) or pod_terminating(pod)):
+            continue
+        labels = pmeta.get("labels") or {}
+        if any(labels.get(k) != v for k, v in selector.items()):
             continue
         ports = []
         for sp in spec.get("ports") or []:
             target = sp.get("targetPort", sp.get("port"))
             if isinstance(target, str):
-                resolved = pod.container_port(target)
+                resolved = container_port(pod, target)
                 if resolved is None:
                     continue  # this pod does not serve the named port
                 target = resolved
@@ -279,11 +316,24 @@ def endpoint_slices(
     slices = []
     families = spec.get("ipFamilies") or ["IPv4"]
     for family, (ports, members) in ((f, g) for f in families for g in sorted(groups.items())):
-        members = [p for p in members if (p.ip if family == "IPv4" else p.ipv6)]
+        members = [p for p in members if family in pod_ips(p)]
         if not members:
             continue
         digest = hashlib.sha256(repr(ports).encode()).hexdigest()[:5]
         suffix = "" if family == "IPv4" else "-v6"
+        endpoints = []
+        for pod in members:
+            node = (pod.get("spec") or {}).get("nodeName") or ""
+            serving, terminating = pod_ready(pod), pod_terminating(pod)
+            endpoints.append({
+                "addresses": [pod_ips(pod)[family]],
+                "conditions": {"ready": serving and not terminating, "serving": serving,
+                               "terminating": terminating},
+                "nodeName": node,
+                **({"zone": node_zone[node]} if node_zone.get(node) else {}),
+                "targetRef": {"kind": "Pod", "namespace": ns, "name": pod["metadata"]["name"],
+                              "uid": pod["metadata"].get("uid", "")},
+            })
         slices.append({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -294,22 +344,58 @@ def endpoint_slices(
             },
             "addressType": family,
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
-            "endpoints": [
-                {
-                    "addresses": [pod.ip if family == "IPv4" else pod.ipv6],
-                    "conditions": {
-                        "ready": pod.ready and not pod.terminating,
-                        "serving": True,
-                        "terminating": pod.terminating,
-                    },
-                    "nodeName": pod.node,
-                    **({"zone": node_zone[pod.node]} if node_zone.get(pod.node) else {}),
-                    "targetRef": {"kind": "Pod", "namespace": ns, "name": pod.spec.name},
-                }
-                for pod in members
-            ],
+            "endpoints": endpoints,
         })
     return slices
+
+
+TEMPLATE_HASH_LABEL = "pod-template-hash"
+
+
+def template_hash(template: Mapping[str, Any]) -> str:
+    """A Deployment template's hash (pod names and the pod-template-hash label carry it)."""
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def pod_for(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """A new Pod object for one replica of ``deployment``, as its ReplicaSet would create it
+    (the lab has no ReplicaSets: the pods are owned by the Deployment itself)."""
+    meta = deployment["metadata"]
+    template = (deployment.get("spec") or {}).get("template") or {}
+    digest = template_hash(template)
+    labels = {**((template.get("metadata") or {}).get("labels") or {}),
+              TEMPLATE_HASH_LABEL: digest}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            # kube names replicas <deployment>-<template hash>-<5 random>
+            "name": f"{meta['name']}-{digest}-{secrets.token_hex(3)[:5]}",
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"],
+                "uid": meta.get("uid", ""), "controller": True,
+            }],
+        },
+        "spec": json.loads(json.dumps(template.get("spec") or {})),
+    }
+
+
+def owner_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, uid) of the Deployment that owns ``pod``, if one does."""
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Deployment" and ref.get("controller"):
+            return str(ref.get("name")), str(ref.get("uid"))
+    return None
+
+
+def pod_spec_of(pod: Mapping[str, Any]) -> PodSpec:
+    """What the lab's kubelet runs for a Pod object (images checked)."""
+    meta = pod["metadata"]
+    owner = owner_of(pod)
+    return _pod_spec(pod, meta["namespace"], meta["name"], owner[0] if owner else None,
+                     f"Pod {meta['namespace']}/{meta['name']}")
 
 
 def hosts_file(services: Iterable[Mapping[str, Any]]) -> str:

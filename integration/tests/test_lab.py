@@ -143,10 +143,11 @@ def three_instances(lab: Lab, svc: str) -> None:
 SCENARIOS = sorted((REPO / "integration" / "kmesh_lab" / "scenarios").glob("*.yaml"))
 
 
+@pytest.mark.parametrize("source", ["kubernetes", "manifests"])
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_shipped_scenarios_pass_step_for_step(lab_host: None, path: Path) -> None:
+def test_shipped_scenarios_pass_step_for_step(lab_host: None, path: Path, source: str) -> None:
     lines: list[str] = []
-    code = scenario.execute(scenario.load(path), out=lines.append)
+    code = scenario.execute(scenario.load(path), out=lines.append, source=source)
     assert code == scenario.EXIT_OK, "\n".join(lines)
     text = "\n".join(lines)
     if path.stem == "seed":

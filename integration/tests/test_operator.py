@@ -147,7 +147,11 @@ def test_status_and_dump_of_a_healthy_node(seed_lab: tuple[Lab, list[scenario.St
     st = json.loads(status.stdout)
     assert st["agent"]["healthy"] and st["agent"]["synced"]
     assert st["agent"]["last_reconcile"]["seconds"] > 0
-    assert st["agent"]["source"]["kind"] == "manifests"
+    source = st["agent"]["source"]
+    assert source["kind"] == "kubernetes" and source["server"] == lab.api.url
+    assert set(source["resources"]) == {"nodes", "namespaces", "services", "endpointslices"}
+    assert all(r["state"] == "watching" and r["synced"] for r in source["resources"].values())
+    assert st["agent"]["warnings"] == []
     assert [link["name"] for link in st["datapath"]["links"]] == ["kmesh_connect4",
                                                                   "kmesh_connect6"]
     assert all(link["prog_name"] == link["name"] for link in st["datapath"]["links"])

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kmesh_lab import kube, workloads
-from kmesh_lab.kube import ClusterIPs, LabError, RunningPod
+from kmesh_lab.kube import ClusterIPs, LabError
 
 
 def svc(**spec: Any) -> dict[str, Any]:
@@ -61,11 +61,21 @@ def test_a_taken_clusterip_names_its_owner() -> None:
         ips.assign(svc(clusterIP="198.19.0.50"), ("n", "t"))
 
 
-def pod(name: str, node: str, ip: str, ipv6: str | None, **state: bool) -> RunningPod:
-    spec = kube.PodSpec("n", name, "d", {"app": "a"}, {}, [
-        kube.Container("c", "helloworld", {}, [{"containerPort": 5000, "name": "web"}])])
-    return RunningPod(spec, node, ip, ipv6, ready=state.get("ready", True),
-                      terminating=state.get("terminating", False))
+def pod(name: str, node: str, ip: str, ipv6: str | None, *, ready: bool = True,
+        terminating: bool = False) -> dict[str, Any]:
+    """A Pod object as the lab's kubelet reports it."""
+    meta: dict[str, Any] = {"name": name, "namespace": "n", "labels": {"app": "a"},
+                            "uid": f"uid-{name}"}
+    if terminating:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "kind": "Pod", "metadata": meta,
+        "spec": {"nodeName": node, "containers": [
+            {"name": "c", "image": kube.HELLOWORLD_IMAGE,
+             "ports": [{"containerPort": 5000, "name": "web"}]}]},
+        "status": {"podIPs": [{"ip": ip}] + ([{"ip": ipv6}] if ipv6 else []),
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
 
 
 def test_one_slice_per_family_with_that_familys_addresses() -> None:
@@ -73,15 +83,32 @@ def test_one_slice_per_family_with_that_familys_addresses() -> None:
     s["spec"]["ports"][0]["targetPort"] = "web"
     ClusterIPs().assign(s, ("n", "s"))
     pods = [pod("p1", "n1", "198.18.1.10", "2001:2::1:10"),
-            pod("p2", "n2", "198.18.2.10", "2001:2::2:10", ready=False, terminating=True)]
+            pod("p2", "n2", "198.18.2.10", "2001:2::2:10", terminating=True),
+            pod("p3", "n2", "198.18.2.11", "2001:2::2:11", ready=False)]  # starting: left out
     v4, v6 = kube.endpoint_slices(s, pods, {"n1": "z1"})
     assert (v4["addressType"], v6["addressType"]) == ("IPv4", "IPv6")
     assert v6["metadata"]["name"] == v4["metadata"]["name"] + "-v6"
     assert [e["addresses"] for e in v6["endpoints"]] == [["2001:2::1:10"], ["2001:2::2:10"]]
     assert v4["ports"] == [{"name": "http", "port": 5000, "protocol": "TCP"}]
     assert v4["endpoints"][0]["zone"] == "z1" and "zone" not in v4["endpoints"][1]
+    # Terminating but still Ready: serving, not ready (kube's EndpointSlice controller).
     assert v4["endpoints"][1]["conditions"] == {"ready": False, "serving": True,
                                                 "terminating": True}
+
+
+def test_a_deployments_pods_carry_its_template_hash_and_owner() -> None:
+    dep = {"kind": "Deployment", "metadata": {"name": "web", "namespace": "n", "uid": "u1"},
+           "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "a"}},
+                    "template": {"metadata": {"labels": {"app": "a"}},
+                                 "spec": {"containers": [{"name": "c",
+                                                          "image": kube.CURL_IMAGE}]}}}}
+    first, second = kube.pod_for(dep), kube.pod_for(dep)
+    digest = kube.template_hash(dep["spec"]["template"])
+    assert first["metadata"]["name"].startswith(f"web-{digest}-")
+    assert first["metadata"]["name"] != second["metadata"]["name"]
+    assert first["metadata"]["labels"] == {"app": "a", kube.TEMPLATE_HASH_LABEL: digest}
+    assert kube.owner_of(first) == ("web", "u1")
+    assert kube.pod_spec_of({**first, "metadata": {**first["metadata"]}}).owner == "web"
 
 
 @pytest.mark.parametrize(("image", "kind"), [
