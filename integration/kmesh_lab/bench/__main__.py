@@ -110,6 +110,13 @@ def run_control(net: BenchNet, args: argparse.Namespace) -> dict[str, Any]:
     s, e = shape(args.sync.split(",")[0])
     out["single_change"] = control.single_changes(net, s, e, args.changes)
     out["relabel"] = control.relabel_under_load(net, *shape(args.relabel))
+    print("control plane through the Kubernetes API")
+    api: dict[str, Any] = {"full_sync": []}
+    for text in args.sync.split(","):
+        api["full_sync"].append(control.api_full_sync(net, *shape(text)))
+    api["single_change"] = control.api_single_changes(net, s, e, args.changes)
+    api["relist"] = control.api_relist_under_load(net, *shape(args.relabel))
+    out["api"] = api
     return out
 
 

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from kmesh_lab import procs
+from kmesh_lab.apiserver import ApiServer
 from kmesh_lab.bench.topology import SERVER_PORT, BenchNet
-from kmesh_plugin.datapath import records
+from kmesh_plugin.datapath import loader, records
 from kmesh_plugin.datapath.inspect import read_stats
 from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.records import Frontend
@@ -141,8 +142,11 @@ class Agent:
         return float("nan")
 
     def stop(self) -> None:
+        """Stop the agent and remove its datapath: the agents of one run share a cgroup, and a
+        stopped agent's programs would keep translating (and counting) there."""
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        loader.remove(self.pin_dir)
 
 
 def start_agent(net: BenchNet, manifests: Path, name: str, services: int) -> Agent:
@@ -316,3 +320,191 @@ def relabel_under_load(net: BenchNet, services: int, endpoints: int,
         if extra is not None:
             procs.stop(extra)
         agent.stop()
+
+
+# -- through the Kubernetes API ----------------------------------------------------------------
+#
+# The same shapes, served by the in-test API server (kmesh_lab.apiserver, in this process, real
+# HTTP on 127.0.0.1) to an agent with the kubernetes source: list, watch and relist as on a
+# real cluster.
+
+
+def api_server(services: int, endpoints: int, own_zone: str = "a",
+               target_server: str | None = None) -> ApiServer:
+    server = ApiServer(token="kmesh-bench", bookmark_interval=60.0).start()
+    for item in node_objects(own_zone)["items"]:
+        server.create(item)
+    server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}})
+    for i in range(services):
+        for item in service_file(i, endpoints)["items"]:
+            server.create(item)
+    if target_server is not None:
+        for item in target_file(target_server)["items"]:
+            server.create(item)
+    return server
+
+
+def start_api_agent(net: BenchNet, server: ApiServer, name: str, services: int) -> Agent:
+    state = net.state / name
+    state.mkdir(parents=True, exist_ok=True)
+    kubeconfig = server.write_kubeconfig(state / "kubeconfig")
+    pin_dir = net.pin_root / name
+    config = state / "plugin.toml"
+    config.write_text("\n".join([
+        "[node]", f'name = "{NODE}"',
+        "[datapath]", f'cgroup = "{net.cgroup_of("agent")}"', f'pin_dir = "{pin_dir}"',
+        f'build_dir = "{net.build_dir}"',
+        f"max_services = {max(1024, services * 2)}", "max_endpoints = 262144",
+        "[source]", 'kind = "kubernetes"', f'kubeconfig = "{kubeconfig}"',
+        "[agent]", f'status_file = "{state / "status.json"}"', "metrics = false",
+        'log_level = "warning"',
+    ]) + "\n")
+    log = open(state / "agent.log", "ab")  # noqa: SIM115 - owned by the agent process
+    proc = subprocess.Popen([sys.executable, "-m", "kmesh_plugin.cli", "run", "-c", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return Agent(proc, config, state / "status.json", pin_dir, time.perf_counter())
+
+
+def wait_applied(agent: Agent, server: ApiServer, timeout: float = 300.0) -> dict[str, Any]:
+    """Until the agent reports the server's last change of every resource as applied."""
+    from kmesh_plugin.sources.resources import WATCHED
+
+    targets = {r.plural: server.last_change(r.plural) for r in WATCHED}
+    deadline = time.monotonic() + timeout
+    with Inotify() as watch:
+        watch.watch(agent.status.parent)
+        while True:
+            st = agent.read_status()
+            revision = (st or {}).get("source_revision")
+            if st and st.get("last_reconcile") and isinstance(revision, dict) and all(
+                int(revision.get(p) or 0) >= rv for p, rv in targets.items()
+            ):
+                return st
+            if agent.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {agent.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agent did not apply {targets}")
+            watch.wait(min(1.0, deadline - time.monotonic()))
+
+
+def api_full_sync(net: BenchNet, services: int, endpoints: int,
+                  log: Any = print) -> dict[str, Any]:
+    """From the agent's first list request to the maps holding everything it listed."""
+    server = api_server(services, endpoints)
+    agent = start_api_agent(net, server, f"api-agent-{services}x{endpoints}", services)
+    try:
+        st = wait_applied(agent, server)
+        done = time.monotonic()
+        lists = [r for r in server.requests if "watch" not in r.query]
+        first_list = min(r.at for r in lists)  # time.monotonic() is one clock for the host
+        ready = time.perf_counter() - agent.started
+        last = st["last_reconcile"]
+        result = {
+            "services": services, "endpoints_per_service": endpoints,
+            "endpoints": services * endpoints,
+            "list_to_maps_seconds": done - first_list,
+            "reconcile_seconds": last["seconds"],
+            "ready_seconds": ready,
+            "list_requests": len(lists),
+            "peak_rss_mb": agent.peak_rss_mb(),
+            "groups": st["datapath"]["groups"],
+        }
+        log(f"  API full sync {services}x{endpoints}: list to maps "
+            f"{result['list_to_maps_seconds']:.2f} s ({len(lists)} list requests, reconcile "
+            f"{last['seconds']:.2f} s), ready {ready:.2f} s, {result['peak_rss_mb']:.0f} MB")
+        return result
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def api_single_changes(net: BenchNet, services: int, endpoints: int, changes: int,
+                       log: Any = print) -> dict[str, Any]:
+    """From the API write (the watch event leaves the server) to the new set being live."""
+    server = api_server(services, endpoints)
+    agent = start_api_agent(net, server, "api-agent-change", services)
+    try:
+        wait_applied(agent, server)
+        dp = Datapath.open(agent.pin_dir)
+        try:
+            rng = random.Random(11)
+            latencies = []
+            for k in range(1, changes + 1):
+                i = rng.randrange(services)
+                ip, port = service_vip(i)
+                raw = dp[records.MAP_FRONTENDS].lookup(
+                    Frontend(ipaddress.ip_address(ip), port).pack())
+                assert raw is not None, f"no frontend for svc-{i}"
+                sid = records.FRONTEND.unpack(raw)["sid"]
+                before = _generation(dp, sid)
+                slice_ = service_file(i, endpoints, version=k)["items"][1]
+                started = time.perf_counter()
+                server.update(slice_)
+                deadline = started + 10
+                while _generation(dp, sid) == before:  # the measured condition itself
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError(f"svc-{i}: no new generation within 10 s")
+                    os.sched_yield()
+                latencies.append(time.perf_counter() - started)
+        finally:
+            dp.close()
+    finally:
+        agent.stop()
+        server.stop()
+    lat = sorted(latencies)
+    result = {
+        "services": services, "changes": len(lat),
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+        "max_ms": lat[-1] * 1000,
+    }
+    log(f"  API single change on {services} Services: p50 {result['p50_ms']:.2f} ms, "
+        f"p99 {result['p99_ms']:.2f} ms")
+    return result
+
+
+def api_relist_under_load(net: BenchNet, services: int, endpoints: int,
+                          log: Any = print) -> dict[str, Any]:
+    """Compact the history and cut the watches: every reflector lists again (410) and the
+    agent diffs 100,000 endpoints against what it has, while a client connects."""
+    server = api_server(services, endpoints, target_server=net.pods["server"].ipv4)
+    agent = start_api_agent(net, server, "api-agent-relist", services)
+    try:
+        wait_applied(agent, server)
+        before = {p: r["relists"] for p, r in agent.read_status()["source"]["resources"].items()}
+        duration = 6.0
+        client = net.spawn_client("agent", "198.19.191.1", 80, "cc", duration, 1)
+        _await_connects(agent.pin_dir, 1000)
+        started = time.monotonic()
+        floor = server.faults.compact()
+        server.faults.drop_watches()
+        deadline = started + 60
+        with Inotify() as watch:
+            watch.watch(agent.status.parent)
+            while True:
+                # Listed again (410) and applied: every resource at a version past the floor.
+                st = agent.read_status() or {}
+                revision = st.get("source_revision") or {}
+                resources = st.get("source", {}).get("resources", {})
+                if resources and all(r["relists"] > before[p] for p, r in resources.items()) \
+                        and all(int(revision.get(p) or 0) >= floor for p in resources):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no relist of every resource: {resources}")
+                watch.wait(1.0)
+        relist_seconds = time.monotonic() - started
+        out, _ = client.communicate(timeout=duration + 30)
+        run = json.loads(out)
+        result = {
+            "endpoints": services * endpoints, "relist_seconds": relist_seconds,
+            "connects": run["connections"], "failed_connects": sum(run["errors"].values()),
+            "errors": run["errors"],
+            "updated_groups": st["last_reconcile"]["updated"],
+        }
+        log(f"  API relist after 410 with {services * endpoints} endpoints: every resource "
+            f"listed and diffed in {relist_seconds:.2f} s, {run['connections']} connects, "
+            f"{result['failed_connects']} failed")
+        return result
+    finally:
+        agent.stop()
+        server.stop()
