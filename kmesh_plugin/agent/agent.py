@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmesh_plugin import gcpause
 from kmesh_plugin.agent.metrics import AgentMetrics
 from kmesh_plugin.agent.planner import GroupPlan, Planner
 from kmesh_plugin.agent.state import ClusterState, Impact, ServiceKey
@@ -161,7 +162,8 @@ class Agent:
 
     def _handle(self, batch: Batch) -> ReconcileReport | None:
         started = time.perf_counter()
-        impact = self.state.apply(batch.events)
+        with gcpause.paused():
+            impact = self.state.apply(batch.events)
         if not self.synced:
             if not batch.synced:
                 return None  # keep collecting the initial state
@@ -171,7 +173,10 @@ class Agent:
         impact.services |= self._pending
         report = None
         if impact:
-            report = self._full() if impact.everything else self._partial(impact.services)
+            with gcpause.paused():
+                report = self._full() if impact.everything else self._partial(impact.services)
+            if report.full:
+                gcpause.settle()
             self._note_outcome(report, impact)
             report.seconds = time.perf_counter() - started
             self.last = report

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kmesh_plugin import gcpause
 from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.model.objects import KubeObject, ObjectKey, parse
 from kmesh_plugin.sources.base import Batch, Event, Source
@@ -95,8 +96,9 @@ class KubernetesSource(Source):
             except queue.Empty:
                 break
         batch = self._initial if self._initial is not None else Batch(synced=True)
-        for update in updates:
-            self._apply(update, batch)
+        with gcpause.paused():
+            for update in updates:
+                self._apply(update, batch)
         if self._initial is not None:
             if len(self._synced) < len(self.resources):
                 return None  # keep collecting the initial state

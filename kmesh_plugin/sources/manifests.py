@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kmesh_plugin import gcpause
 from kmesh_plugin.errors import KmeshError, ManifestError
 from kmesh_plugin.model.objects import KINDS, KubeObject, ObjectKey, object_key, parse
 from kmesh_plugin.sources.base import Batch, Event, Source
@@ -121,6 +122,10 @@ class ManifestSource(Source):
     # -- scanning ---------------------------------------------------------------------------
 
     def _scan(self, names: set[str] | None) -> Batch:
+        with gcpause.paused():  # decoding and parsing thousands of files: see gcpause
+            return self._scan_files(names)
+
+    def _scan_files(self, names: set[str] | None) -> Batch:
         """Re-read ``names`` (every file when None) and return what changed in the view."""
         # The revision first: the manifests read after it are at least that new.
         batch = Batch(synced=True)

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kmesh_plugin import gcpause
 from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.sources.kubeapi import ApiError, WatchStream
 from kmesh_plugin.sources.resources import Resource
@@ -174,7 +175,8 @@ class Reflector:
         while not self.stop.is_set():
             try:
                 if need_list:
-                    self._list()
+                    with gcpause.paused():
+                        self._list()
                     need_list = False
                 self._watch()
             except ApiError as e:
