@@ -9,9 +9,10 @@ objects, records), so reference counting frees all their garbage anyway.
 
 :func:`paused` turns the collector off while any thread is inside a bulk phase (the
 reflectors list in their own threads while the agent reconciles), and back on when the last
-one leaves. :func:`settle` runs after a full reconcile: one collection, then ``gc.freeze()``
-moves what survived (the model) out of the collector's sight, so later collections walk only
-what changed since.
+one leaves. :func:`settle` runs after a full reconcile: ``gc.freeze()`` moves everything alive
+(the model) out of the collector's sight, so later collections walk only what changed since.
+It does not collect first: a full collection of that heap took 0.2 s here, and the phases make
+no cycles, so there is nothing for it to find.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ def paused() -> Iterator[None]:
 
 
 def settle() -> None:
-    """Collect once, then exempt the survivors (long-lived state) from later collections."""
+    """Exempt what is alive now (long-lived state) from later collections."""
     with _lock:
         if _depth:
             return  # another bulk phase is running; the next settle will do it
-        gc.collect()
         gc.freeze()

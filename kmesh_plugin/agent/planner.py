@@ -6,7 +6,6 @@ is one frontend in the kernel. This module is pure apart from calling the strate
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import types
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from kmesh_plugin.datapath.records import (
     Backend,
     BackendSet,
     Frontend,
+    parse_ip,
 )
 from kmesh_plugin.hookspecs import StrategySettings
 from kmesh_plugin.model import (
@@ -109,7 +109,7 @@ class Planner:
         client = self.client(state)
         groups = []
         for cluster_ip in service.cluster_ips:
-            ip = ipaddress.ip_address(cluster_ip)
+            ip = parse_ip(cluster_ip)
             for port in service.ports:
                 pairs = _endpoints(state, service, port, ip.version)
                 endpoints = [e for e, _ in pairs]

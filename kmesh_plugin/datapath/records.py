@@ -198,6 +198,15 @@ class Frontend:
 
     layout: ClassVar[Layout] = FRONTEND_KEY
 
+    def __hash__(self) -> int:
+        # Cached: a sync hashes every frontend a dozen times (its dicts of changes, holders,
+        # published groups), and an ipaddress object hashes in Python.
+        found = self.__dict__.get("_hash")
+        if found is None:
+            found = hash((self.ip.version, int(self.ip), self.port, self.protocol))
+            object.__setattr__(self, "_hash", found)
+        return found
+
     def pack(self) -> bytes:
         return FRONTEND_KEY.pack(
             {"addr": encode_addr(self.ip), "port": self.port, "protocol": self.protocol}
