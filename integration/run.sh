@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${KMESH_VENV:-$ROOT/.venv}
 APT_PACKAGES=(clang bpftool libbpf-dev iproute2 containernetworking-plugins gcc python3-venv
-              iptables nftables conntrack)
+              iptables nftables conntrack openssl util-linux)
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "run.sh: needs root (eBPF programs, cgroups, network namespaces)" >&2
@@ -31,6 +31,8 @@ apt_missing() {
     command -v iptables-legacy-restore >/dev/null || missing+=(iptables)
     command -v nft >/dev/null || missing+=(nftables)
     command -v conntrack >/dev/null || missing+=(conntrack)
+    command -v openssl >/dev/null || missing+=(openssl)  # the lab API server's TLS certificate
+    command -v setpriv >/dev/null || missing+=(util-linux)  # deploy/measure_caps.py
     echo "${missing[@]}"
 }
 
