@@ -86,6 +86,34 @@ static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
 		stats->hits[tier & (KMESH_MAX_TIERS - 1)]++; /* the mask proves the index in range */
 }
 
+#ifdef KMESH_TEST_RACE_WINDOW
+/* Tests only (tests/kernel/test_races.py): spin this many bpf_loop rounds between looking a
+ * frontend up and reading it, so that a test can recycle the element under a connect. */
+static long kmesh_spin(__u64 index, void *ctx)
+{
+	return 0;
+}
+#define KMESH_RACE_WINDOW() bpf_loop(KMESH_TEST_RACE_WINDOW, kmesh_spin, NULL, 0)
+#else
+#define KMESH_RACE_WINDOW() \
+	do {                \
+	} while (0)
+#endif
+
+/* One 4-byte load the compiler may not split or repeat. */
+#define READ_ONCE_U32(x) (*(volatile const __u32 *)&(x))
+
+/* The 20 bytes of two frontend keys compared as five words (no memcmp in BPF). Both are
+ * 4-byte aligned: map values are, and the programs align their stack key. */
+static __always_inline int kmesh_same_frontend(const struct kmesh_frontend_key *a,
+					       const struct kmesh_frontend_key *b)
+{
+	const __u32 *x = (const __u32 *)a;
+	const __u32 *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
 static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 				      struct kmesh_endpoint *out)
 {
@@ -97,14 +125,10 @@ static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 	__u32 sid, set, index, ntiers, tier;
 
 	frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
-	if (!frontend) {
-		/* A ClusterIP on a port/protocol it does not serve: refuse (no sid to count on).
-		 * The address part of the key is a struct kmesh_vip. */
-		if (bpf_map_lookup_elem(&kmesh_vips, key->addr))
-			return KMESH_REFUSE;
-		return KMESH_PASS;
-	}
-	sid = frontend->sid;
+	if (!frontend)
+		goto no_frontend;
+	KMESH_RACE_WINDOW();
+	sid = READ_ONCE_U32(frontend->sid);
 
 	active = bpf_map_lookup_elem(&kmesh_active, &sid);
 	if (!active)
@@ -116,6 +140,10 @@ static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 	record = bpf_map_lookup_elem(&kmesh_records, &index);
 	if (!record)
 		goto refuse;
+	/* The element found may have been recycled for another frontend meanwhile (see struct
+	 * kmesh_record): only a record that names this very frontend is ours. */
+	if (!kmesh_same_frontend(&record->frontend, key))
+		goto no_frontend;
 
 	ntiers = record->ntiers;
 	if (record->mode == KMESH_MODE_STRICT && ntiers > 1)
@@ -145,6 +173,12 @@ static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 refuse:
 	kmesh_count(sid, 0, 1);
 	return KMESH_REFUSE;
+no_frontend:
+	/* A ClusterIP on a port/protocol it does not serve: refuse (no sid to count on).
+	 * The address part of the key is a struct kmesh_vip. */
+	if (bpf_map_lookup_elem(&kmesh_vips, key->addr))
+		return KMESH_REFUSE;
+	return KMESH_PASS;
 }
 
 static __always_inline int kmesh_refuse(struct bpf_sock_addr *ctx)
@@ -158,7 +192,7 @@ static __always_inline int kmesh_refuse(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
-	struct kmesh_frontend_key key = {};
+	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
 	struct kmesh_endpoint endpoint;
 	__u32 ip4 = ctx->user_ip4;
 
@@ -185,7 +219,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int kmesh_connect6(struct bpf_sock_addr *ctx)
 {
-	struct kmesh_frontend_key key = {};
+	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
 	struct kmesh_endpoint endpoint;
 	__u32 word;
 

@@ -31,6 +31,10 @@
 #define KMESH_MAX_TIERS 8
 #define KMESH_SETS 2 /* double-buffered record sets per service group */
 
+/* The version of the map layouts below. The loader records it beside the pinned maps and
+ * refuses to reuse maps of another version (a changed struct would be misread). */
+#define KMESH_LAYOUT_VERSION 2
+
 /* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
  * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
 #define KMESH_MODE_RANDOM 0
@@ -57,8 +61,16 @@ struct kmesh_vip {
 	__u8 addr[16];
 };
 
-/* kmesh_records[sid * KMESH_SETS + set]: what one set of a service group holds. */
+/* kmesh_records[sid * KMESH_SETS + set]: what one set of a service group holds.
+ *
+ * frontend: the frontend this group serves. kmesh_frontends is a preallocated hash, whose
+ * deleted (or updated) elements the kernel hands to the next insert at once, while a connect()
+ * that looked the old element up may still read it: it can then read another group's sid.
+ * A group's sid is given to another frontend only a grace period after its group went, so
+ * the record of any sid such a reader finds names the frontend that sid serves; the program
+ * compares it with the key it looked up, and a mismatch counts as "no such frontend". */
 struct kmesh_record {
+	struct kmesh_frontend_key frontend;
 	__u32 generation; /* bumped by every publish; for operators and tests */
 	__u8 mode;        /* KMESH_MODE_* */
 	__u8 ntiers;      /* tiers in use, <= KMESH_MAX_TIERS */

@@ -61,12 +61,16 @@ def multiarch_include() -> list[str]:
     return [f"-I/usr/include/{triple}"] if triple else []
 
 
-def compile_object(capacities: Capacities, build_dir: Path, clang: str = "clang") -> Path:
-    """Return the path of an object built for ``capacities``, compiling it if needed."""
+def compile_object(capacities: Capacities, build_dir: Path, clang: str = "clang",
+                   defines: tuple[str, ...] = ()) -> Path:
+    """Return the path of an object built for ``capacities``, compiling it if needed.
+
+    ``defines`` are extra ``NAME=VALUE`` macros: the product passes none; tests build variants
+    with them (``KMESH_TEST_*``, see bpf/kmesh_lb.c)."""
     src = source_dir()
     flags = [
         "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
-        *multiarch_include(), f"-I{src}", *capacities.defines(),
+        *multiarch_include(), f"-I{src}", *capacities.defines(), *(f"-D{d}" for d in defines),
     ]
     digest = hashlib.sha256()
     for path in sorted(src.glob("*.[ch]")):

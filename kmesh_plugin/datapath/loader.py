@@ -134,13 +134,16 @@ def attach(
     *,
     clang: str = "clang",
     bpftool: Bpftool | None = None,
+    obj: Path | None = None,
 ) -> Datapath:
-    """Compile, load and attach, or reload over a running datapath. Returns open map handles."""
+    """Compile, load and attach, or reload over a running datapath. Returns open map handles.
+
+    ``obj``: load this object instead of compiling bpf/kmesh_lb.c (tests load variants)."""
     tool = bpftool or Bpftool()
     if not is_cgroup2_dir(cgroup):
         raise DatapathError(f"{cgroup} is not a cgroup v2 directory")
     ensure_bpffs(pin_dir)
-    obj = compile_object(capacities, build_dir, clang)
+    obj = obj or compile_object(capacities, build_dir, clang)
     pins = Pins(pin_dir)
     pins.root.mkdir(parents=True, exist_ok=True)
     pins.links.mkdir(exist_ok=True)

@@ -19,6 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
+LAYOUT_VERSION = 2  # KMESH_LAYOUT_VERSION
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
 MODE_STRICT = 2
@@ -45,6 +46,7 @@ class Field:
     code: str
     count: int = 1  # C array length; 1 for a scalar. "16s" is one 16-byte element.
     big_endian: bool = False  # __be16 / __be32: stored in network order
+    struct: str | None = None  # a nested C struct of that name, carried as its bytes ("20s")
 
     @property
     def element_size(self) -> int:
@@ -143,7 +145,8 @@ FRONTEND = Layout("kmesh_frontend", [Field("sid", "I")])
 VIP = Layout("kmesh_vip", [Field("addr", "16s")])
 RECORD = Layout(
     "kmesh_record",
-    [Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
+    [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"),
+     Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
      Field("count", "H", count=MAX_TIERS)],
 )
 SLOT_KEY = Layout(
@@ -314,9 +317,10 @@ class BackendSet:
     def size(self) -> int:
         return sum(len(t) for t in self.tiers)
 
-    def record(self, generation: int) -> bytes:
+    def record(self, generation: int, frontend: bytes) -> bytes:
+        """The kmesh_record of this set for the group serving ``frontend`` (its packed key)."""
         counts = [len(t) for t in self.tiers] + [0] * (MAX_TIERS - len(self.tiers))
-        return RECORD.pack_fields(generation, self.mode, len(self.tiers), 0, *counts)
+        return RECORD.pack_fields(frontend, generation, self.mode, len(self.tiers), 0, *counts)
 
 
 def record_index(sid: int, set_: int) -> bytes:

@@ -80,7 +80,10 @@ def read_table(dp: Datapath) -> dict[Frontend, Published]:
         raw_record = dp[records.MAP_RECORDS].lookup(records.record_index(sid, active))
         record = records.RECORD.unpack(raw_record) if raw_record else None
         backends = None
-        if record is not None and 1 <= record["ntiers"] <= records.MAX_TIERS:
+        # A record that names another frontend is no set of this one (the program treats
+        # the frontend as absent): recovered as incomplete, and rewritten on publish.
+        if record is not None and record["frontend"] == frontend.pack() and \
+                1 <= record["ntiers"] <= records.MAX_TIERS:
             have = slots.get((sid, active), {})
             tiers = []
             for tier in range(record["ntiers"]):
@@ -220,7 +223,8 @@ class MapWriter:
             self._update(records.MAP_SLOTS, slot_items, stats)
             self._update(
                 records.MAP_RECORDS,
-                [(records.record_index(sid, s), b.record(gen)) for _, sid, s, gen, b in plan],
+                [(records.record_index(sid, s), b.record(gen, f.pack()))
+                 for f, sid, s, gen, b in plan],
                 stats,
             )
         except BpfError:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kmesh_lab import procs
 from kmesh_plugin.datapath import loader
-from kmesh_plugin.datapath.build import Capacities
+from kmesh_plugin.datapath.build import Capacities, compile_object
 from kmesh_plugin.datapath.records import Backend, BackendSet, Frontend
 from kmesh_plugin.datapath.writer import MapWriter
 
@@ -72,9 +72,12 @@ class Bed:
     build_dir: Path
     capacities: Capacities = field(default_factory=lambda: Capacities(64, 1024))
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    defines: tuple[str, ...] = ()  # a test variant of the object (KMESH_TEST_* macros)
 
     def __post_init__(self) -> None:
-        self.dp = loader.attach(self.pin_dir, self.cgroup, self.capacities, self.build_dir)
+        self.obj = compile_object(self.capacities, self.build_dir, defines=self.defines)
+        self.dp = loader.attach(self.pin_dir, self.cgroup, self.capacities, self.build_dir,
+                                obj=self.obj)
         self.writer = MapWriter(self.dp)
         self.writer.recover()
         self._addresses: set[str] = set()
@@ -87,7 +90,8 @@ class Bed:
         """What a restarting agent does: load again over the pinned maps and swap the links."""
         self.writer.close()
         self.dp.close()
-        self.dp = loader.attach(self.pin_dir, self.cgroup, self.capacities, self.build_dir)
+        self.dp = loader.attach(self.pin_dir, self.cgroup, self.capacities, self.build_dir,
+                                obj=self.obj)
         self.writer = MapWriter(self.dp)
         self.writer.recover()
 

@@ -126,27 +126,31 @@ def test_unpack_needs_the_whole_record() -> None:
 
 # -- backend sets and records ---------------------------------------------------------------
 
+FRONT_KEY = Frontend(ip("198.19.0.10"), 80).pack()
+
 
 def test_backend_set_record_round_trip() -> None:
     a, b, c = (Backend(ip(f"198.19.0.{i}"), 80) for i in (1, 2, 3))
     backends = BackendSet(MODE_FAILOVER, ((a,), (b, c), (), (), ()))
     assert backends.size == 3
-    raw = backends.record(7)
-    assert len(raw) == RECORD.size == 24
+    raw = backends.record(7, FRONT_KEY)
+    assert len(raw) == RECORD.size == 44
     assert RECORD.unpack(raw) == {
-        "generation": 7, "mode": MODE_FAILOVER, "ntiers": 5, "pad": 0,
+        "frontend": FRONT_KEY, "generation": 7, "mode": MODE_FAILOVER, "ntiers": 5, "pad": 0,
         "count": (1, 2, 0, 0, 0, 0, 0, 0),
     }
-    # Native byte order for the plain integers.
-    assert raw[:4] == struct.pack("=I", 7)
-    assert raw[8:10] == struct.pack("=H", 1)
+    # The frontend's key first (the program compares it), then native-order integers.
+    assert raw[:20] == FRONT_KEY
+    assert raw[20:24] == struct.pack("=I", 7)
+    assert raw[28:30] == struct.pack("=H", 1)
 
 
 def test_backend_set_record_strict_full() -> None:
     tiers = tuple((Backend(ip(f"198.19.0.{i + 1}"), 80),) * (i + 1) for i in range(MAX_TIERS))
-    raw = BackendSet(MODE_STRICT, tiers).record(0xFFFFFFFF)
+    raw = BackendSet(MODE_STRICT, tiers).record(0xFFFFFFFF, FRONT_KEY)
     assert RECORD.unpack(raw) == {
-        "generation": 0xFFFFFFFF, "mode": MODE_STRICT, "ntiers": MAX_TIERS, "pad": 0,
+        "frontend": FRONT_KEY, "generation": 0xFFFFFFFF, "mode": MODE_STRICT,
+        "ntiers": MAX_TIERS, "pad": 0,
         "count": tuple(range(1, MAX_TIERS + 1)),
     }
 
@@ -181,7 +185,8 @@ def test_layout_array_too_long() -> None:
 
 
 def test_layout_offsets_follow_c_alignment() -> None:
-    assert RECORD.offsets == {"generation": 0, "mode": 4, "ntiers": 5, "pad": 6, "count": 8}
+    assert RECORD.offsets == {"frontend": 0, "generation": 20, "mode": 24, "ntiers": 25,
+                              "pad": 26, "count": 28}
     assert FRONTEND_KEY.offsets == {"addr": 0, "port": 16, "protocol": 18, "pad": 19}
     assert records.STATS.size == 72 and records.STATS.offsets == {"hits": 0, "refused": 64}
 
@@ -245,7 +250,10 @@ def test_every_layout_matches_the_btf(btf: dict[int, dict[str, Any]]) -> None:
             assert member["bits_offset"] == layout.offsets[field.name] * 8, f"{what}: offset"
             assert "bitfield_size" not in member or member["bitfield_size"] == 0, what
             t = _resolve(btf, member["type_id"])
-            if field.code.endswith("s"):  # a byte array: __u8 name[N]
+            if field.struct:  # a nested struct, carried as its bytes
+                assert t["kind"] == "STRUCT" and t["name"] == field.struct, f"{what}: struct"
+                assert t["size"] == field.size, f"{what}: size"
+            elif field.code.endswith("s"):  # a byte array: __u8 name[N]
                 assert t["kind"] == "ARRAY", f"{what}: not an array"
                 assert t["nr_elems"] * _size(btf, t["type_id"]) == field.size, f"{what}: length"
                 assert _size(btf, t["type_id"]) == 1, f"{what}: element size"

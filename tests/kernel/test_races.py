@@ -1,0 +1,87 @@
+"""Races between the map writer and connect() in the real kernel.
+
+kmesh_frontends is a preallocated hash: the kernel gives a deleted element to the next insert
+at once, while a connect() that looked it up may still be reading it. These tests recycle
+elements under running connects and count the answers that came from another Service. The
+datapath is built with KMESH_TEST_RACE_WINDOW (bpf/kmesh_lb.c): the program spins between the
+lookup and reading the element, so the race happens in every run instead of once in a million.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from datapath_bed import Bed, answered, ip, tiers
+
+from kmesh_plugin.datapath import records
+from kmesh_plugin.datapath.records import MODE_RANDOM, Frontend
+
+pytestmark = pytest.mark.kernel
+
+VIP_A, VIP_B = "198.19.0.10", "198.19.0.11"
+FRONT_A = Frontend(ip(VIP_A), 80, socket.IPPROTO_TCP)
+FRONT_B = Frontend(ip(VIP_B), 80, socket.IPPROTO_TCP)
+# bpf_loop rounds of nothing: tens of microseconds, so each connect overlaps many writer steps.
+RACE_WINDOW = 20000
+
+
+@pytest.fixture
+def bed(pin_dir: Path, cgroup: Path, netns: str, build_dir: Path) -> Iterator[Bed]:
+    b = Bed(pin_dir, cgroup, netns, build_dir, defines=(f"KMESH_TEST_RACE_WINDOW={RACE_WINDOW}",))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_a_recycled_frontend_element_never_routes_to_another_service(bed: Bed) -> None:
+    a = bed.server("service-a", "198.18.0.1", 8080)
+    b = bed.server("service-b", "198.18.0.2", 8080)
+    bed.publish({FRONT_A: tiers([a], mode=MODE_RANDOM), FRONT_B: tiers([b], mode=MODE_RANDOM)})
+    frontends = bed.dp[records.MAP_FRONTENDS]
+    key_a, key_b = FRONT_A.pack(), FRONT_B.pack()
+    value_a, value_b = frontends.lookup(key_a), frontends.lookup(key_b)
+    assert value_a is not None and value_b is not None
+    frontends.delete(key_b)  # B's group stays complete in the maps; only its entry toggles
+
+    stop = threading.Event()
+    swaps = 0
+
+    def churn() -> None:
+        # Delete A then insert B: the insert takes the element A just freed (the freelist
+        # is per CPU and LIFO, and both run here), while connects may still be reading it.
+        nonlocal swaps
+        os.sched_setaffinity(0, {0})
+        while not stop.is_set():
+            frontends.delete(key_a)
+            frontends.update(key_b, value_b)
+            frontends.delete(key_b)
+            frontends.update(key_a, value_a)
+            swaps += 1
+
+    client = bed.client()
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        started = time.monotonic()
+        results = client.get(f"http://{VIP_A}:80/hello", count=3000, timeout=2.0)
+    finally:
+        stop.set()
+        writer.join()
+    seconds = time.monotonic() - started
+    counts = collections.Counter(answered(results))
+    errors = collections.Counter(r["errno"] for r in results if not r["ok"])
+    print(f"{len(results)} connects to {VIP_A} in {seconds:.1f} s against {swaps} "
+          f"delete/insert swaps: {dict(counts)}, errors {dict(errors)}")
+    assert counts["service-b"] == 0, "a connect to A was answered by Service B"
+    assert counts["service-a"] > 0  # the race window did not stop translation altogether
+    # The others met A's frontend while it was away: refused (its ClusterIP is known) or,
+    # if they caught the element mid-recycle, treated as no frontend at all; never B.
+    assert set(errors) <= {"ECONNREFUSED", "ENETUNREACH"}, errors
