@@ -79,11 +79,14 @@ static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
 
 	if (!stats)
 		return; /* sid out of range: losing a count beats failing the connect */
-	/* Per-CPU value and the program cannot migrate while it runs: no atomics needed. */
+	/* Atomic although the value is per CPU: the program cannot migrate while it runs, but
+	 * under PREEMPT_RCU another task can preempt it on the same CPU between the load and the
+	 * store of a plain ++ and lose that task's count. The add is uncontended (this CPU's
+	 * copy), so it costs one locked instruction. */
 	if (refused)
-		stats->refused++;
-	else
-		stats->hits[tier & (KMESH_MAX_TIERS - 1)]++; /* the mask proves the index in range */
+		__sync_fetch_and_add(&stats->refused, 1);
+	else /* the mask proves the index in range */
+		__sync_fetch_and_add(&stats->hits[tier & (KMESH_MAX_TIERS - 1)], 1);
 }
 
 #ifdef KMESH_TEST_RACE_WINDOW

@@ -295,3 +295,35 @@ def _link_prog(path: Path) -> int:
         return syscall.link_info(fd).prog_id
     finally:
         os.close(fd)
+
+
+def test_counters_lose_no_connect_when_tasks_share_a_cpu(bed: Bed) -> None:
+    # Every client on CPU 0: the kernel may preempt one program run by another task's on
+    # that CPU (PREEMPT_RCU); the per-CPU counters must still count every connect.
+    import os
+    import threading
+
+    server = bed.server("counted", "198.18.0.1", 8080)
+    bed.publish({Frontend(ip(VIP), 80, socket.IPPROTO_UDP): tiers([server], mode=MODE_RANDOM)})
+    clients = [bed.client() for _ in range(4)]
+    for c in clients:
+        os.sched_setaffinity(c.proc.pid, {0})
+    per_client = 5000
+    replies: list[list[dict[str, object]]] = []
+
+    def run(c: object) -> None:
+        replies.append(c.connect(VIP, 80, proto="udp", count=per_client))  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r["ok"] for results in replies for r in results)
+    sid = bed.writer.published[Frontend(ip(VIP), 80, socket.IPPROTO_UDP)].sid
+    per_cpu = [records.STATS.unpack(v) for v in
+               bed.dp[records.MAP_STATS].lookup_percpu(records.U32.pack(sid)) or []]
+    counted = sum(v["hits"][0] for v in per_cpu)
+    print(f"{len(clients)} clients on one CPU, {len(clients) * per_client} UDP connects, "
+          f"{counted} counted")
+    assert counted == len(clients) * per_client
