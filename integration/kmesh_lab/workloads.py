@@ -393,9 +393,31 @@ def _op_connect(command: dict[str, Any], hosts: dict[str, list[str]], search: Se
     return {"results": results}
 
 
+def _op_loop(command: dict[str, Any], hosts: dict[str, list[str]], search: Sequence[str]) -> Any:
+    """GETs round-robin over ``urls`` until ``seconds`` passed or ``max`` were made: each a
+    new connection, with its start time (time.monotonic(), the host's clock: a test compares
+    it with when a change was applied) and what answered."""
+    urls = [str(u) for u in command["urls"]]
+    seconds, timeout = float(command["seconds"]), float(command.get("timeout", 2.0))
+    limit = int(command.get("max", 100_000))
+    if not urls or not 0 < seconds <= 600 or not 0 < limit <= 1_000_000:
+        raise ValueError("loop needs urls, 0 < seconds <= 600 and 0 < max <= 1000000")
+    results = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(results) < limit:
+        index = len(results) % len(urls)
+        started = time.monotonic()
+        r = http_get(urls[index], hosts, search, timeout)
+        failure = None if r["ok"] else (r["errno"] or r["error"] or f"HTTP {r['status']}")
+        results.append({"t": started, "done": time.monotonic(), "url": index,
+                        "version": r["version"], "errno": failure})
+    return {"results": results}
+
+
 _OPS: dict[str, Callable[[dict[str, Any], dict[str, list[str]], Sequence[str]], Any]] = {
     "get": _op_get,
     "connect": _op_connect,
+    "loop": _op_loop,
 }
 
 

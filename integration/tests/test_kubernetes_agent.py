@@ -4,22 +4,17 @@ changes and faults the maps equal what a fresh agent makes of the final state.""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_bed import converged, frontends, start_agent
 
 from kmesh_lab.apiserver import ApiServer
-from kmesh_plugin.sources.inotify import Inotify
-from kmesh_plugin.sources.resources import WATCHED
 
 pytestmark = pytest.mark.kernel
 
@@ -52,82 +47,6 @@ def endpoint_slice(i: int, endpoints: list[tuple[str, str, bool]]) -> dict[str, 
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
             "endpoints": [{"addresses": [a], "nodeName": n, "conditions": {"ready": r}}
                           for a, n, r in endpoints]}
-
-
-@dataclass
-class AgentProcess:
-    proc: subprocess.Popen[bytes]
-    config: Path
-    status: Path
-    log: Path
-
-    def read_status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.status.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def dump(self) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "kmesh_plugin.cli", "dump", "-o", "json",
-                              "-c", str(self.config)], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-
-
-def start_agent(tmp: Path, name: str, kubeconfig: Path, pin_dir: Path, cgroup: Path,
-                build_dir: Path) -> AgentProcess:
-    state = tmp / name
-    state.mkdir()
-    config = state / "plugin.toml"
-    config.write_text("\n".join([
-        "[node]", 'name = "n1"',
-        "[datapath]", f'cgroup = "{cgroup}"', f'pin_dir = "{pin_dir}"',
-        f'build_dir = "{build_dir}"', "max_services = 256", "max_endpoints = 4096",
-        "[source]", 'kind = "kubernetes"', f'kubeconfig = "{kubeconfig}"',
-        "[agent]", f'status_file = "{state / "status.json"}"', "metrics = false",
-    ]) + "\n")
-    log = state / "agent.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kmesh_plugin.cli", "run", "-c",
-                                 str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    return AgentProcess(proc, config, state / "status.json", log)
-
-
-def converged(agent: AgentProcess, server: ApiServer, timeout: float = 60.0) -> dict[str, Any]:
-    """Until the agent's status says it applied the server's last change of every resource."""
-    targets = {r.plural: server.store.collection(server.resource(r.plural)).last_change
-               for r in WATCHED}
-    deadline = time.monotonic() + timeout
-    with Inotify() as watch:
-        watch.watch(agent.status.parent)  # the agent replaces its status file by rename
-        while True:
-            st = agent.read_status()
-            revision = (st or {}).get("source_revision")
-            if isinstance(revision, dict) and all(
-                int(revision.get(p) or 0) >= rv for p, rv in targets.items()
-            ):
-                return st or {}
-            if agent.proc.poll() is not None:
-                raise AssertionError(f"agent exited {agent.proc.returncode}:\n"
-                                     + agent.log.read_text()[-3000:])
-            if time.monotonic() > deadline:
-                raise AssertionError(f"agent did not converge on {targets}: {revision}\n"
-                                     + agent.log.read_text()[-3000:])
-            watch.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-
-
-def frontends(dump: dict[str, Any]) -> dict[str, Any]:
-    """What a connect can reach, per frontend: ids, generations and counters left out."""
-    return {f["frontend"]: (f.get("mode"), [sorted(t) for t in f.get("tiers", [])],
-                            f.get("error"))
-            for f in dump["frontends"]}
 
 
 @pytest.fixture
