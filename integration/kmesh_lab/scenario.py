@@ -42,11 +42,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kmesh_lab.cluster import Lab
 from kmesh_lab.kube import LabError
 from kmesh_plugin.errors import KmeshError
+from kmesh_plugin.sources import decode
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -82,17 +81,37 @@ class Scenario:
     plugin_paths: list[str] = field(default_factory=list)
 
 
+MAX_SCENARIO_BYTES = 4 << 20  # a scenario embeds a few manifests: a few kB
+
+
 def load(path: Path) -> Scenario:
+    """Read a scenario file through the agent's own bounded decoder (regular files only,
+    UTF-8, depth, integer and alias limits), so a hostile file is one line naming it."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ScenarioError(f"{path}: {e}") from None
-    return parse(raw, path)
+        data = decode.read_regular_file(path, max_bytes=MAX_SCENARIO_BYTES)
+        docs = decode.load_yaml_documents(data, str(path), max_bytes=MAX_SCENARIO_BYTES)
+    except KmeshError as e:
+        raise ScenarioError(str(e) if str(e).startswith(f"{path}") else f"{path}: {e}") \
+            from None
+    if len(docs) != 1:
+        raise ScenarioError(f"{path}: a scenario is one YAML document, found {len(docs)}")
+    try:
+        return parse(docs[0], path)
+    except ScenarioError:
+        raise
+    except Exception as e:  # a parser bug must still name the file, never be a traceback
+        raise ScenarioError(f"{path}: cannot read the scenario: {type(e).__name__}: {e}") \
+            from None
+
+
+def _printable(text: str) -> str:
+    """One line, whatever names a user gave: control characters shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse(raw: Any, path: Path) -> Scenario:
     def fail(key: str, message: str) -> ScenarioError:
-        return ScenarioError(f"{path}: {key}: {message}")
+        return ScenarioError(f"{path}: {_printable(key)}: {_printable(message)}")
 
     if not isinstance(raw, dict):
         raise fail("(top)", "a scenario is a mapping with nodes and steps")
