@@ -4,9 +4,18 @@ Only what the datapath needs: maps (create, open pinned, element and batch opera
 values), object pinning, program and link introspection, cgroup bpf_links, and an RCU barrier.
 
 Layouts and numbers come from ``/usr/include/linux/bpf.h`` (UAPI, stable). Each command gets its
-own ``ctypes.Structure`` holding only the leading fields of ``union bpf_attr`` it uses: the kernel
-zero-fills whatever part of the union we do not pass, so a short attribute is always valid and
-newer kernels that grew the union keep working.
+own ``ctypes.Structure`` holding only the leading fields of ``union bpf_attr`` it uses, but that
+struct never reaches the kernel by itself. The rule: :func:`bpf` copies it into a zeroed buffer
+of :data:`ATTR_SIZE` bytes, passes that buffer and its full size, and copies the struct's bytes
+back afterwards. Never pass a short struct to the kernel directly: the kernel writes output
+fields at their fixed offsets in the union, which can lie past the fields a command's struct
+declares (PROG_QUERY writes ``query.revision`` at offset 56, past the 40 bytes of
+``_QueryAttr``; 6.16+ kernels have been seen to do so whatever size is passed, while 6.18.44
+writes it only when the size reaches it). ATTR_SIZE is larger than the union of any kernel this
+runs on (168 bytes on 6.18; a kernel test compares it with the running kernel's BTF); the
+kernel accepts a size larger than its own union when the bytes past it are zero, and the zeros
+we pass for fields we do not set mean "unset". Outputs past the caller's struct land in the
+private buffer and are dropped.
 
 Every failed command raises :class:`~kmesh_plugin.errors.BpfError` carrying the kernel's errno,
 the command name and a hint of the object involved (pinned path or map name). Argument mistakes
@@ -51,6 +60,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_MAP_FREEZE = 22
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
@@ -210,6 +220,11 @@ ENOTSUPP = 524
 
 _SYSCALL_NUMBERS = {"x86_64": 321, "amd64": 321, "aarch64": 280, "arm64": 280}
 
+# The size of the buffer that backs every bpf(2) attribute (see the module docstring): union
+# bpf_attr is 168 bytes on 6.18; the margin covers the fields later kernels add, and the kernel
+# accepts it as long as the bytes past its own union are zero (bpf_check_uarg_tail_zero).
+ATTR_SIZE = 256
+
 # --------------------------------------------------------------------------------------------
 # Raw system call
 # --------------------------------------------------------------------------------------------
@@ -231,21 +246,31 @@ def _bpf_nr() -> int:
 
 
 def bpf(cmd: int, attr: ctypes.Structure, operation: str, target: str = "") -> int:
-    """Run bpf(cmd, &attr, sizeof(attr)) and return its non-negative result (often an fd).
+    """Run bpf(cmd, buf, ATTR_SIZE) with ``attr`` at the start of a zeroed buffer ``buf``.
 
-    ``attr`` is read and may be written by the kernel (output fields such as batch counts are
-    valid even when the command fails). Raises :class:`BpfError` with the kernel's errno,
-    ``operation`` (the command name without ``BPF_``) and ``target`` (what was acted on).
+    Returns the command's non-negative result (often an fd). The kernel sees ``attr``'s fields
+    and zeros up to ATTR_SIZE; afterwards the first ``sizeof(attr)`` bytes of the buffer are
+    copied back into ``attr``, so its output fields (batch counts, prog_cnt, ...) are set, also
+    when the command fails, and whatever the kernel wrote past them stays in the buffer.
+    Raises :class:`BpfError` with the kernel's errno, ``operation`` (the command name without
+    ``BPF_``) and ``target`` (what was acted on).
     """
+    size = ctypes.sizeof(attr)
+    if size > ATTR_SIZE:
+        raise ValueError(f"bpf({operation}): attribute of {size} bytes > ATTR_SIZE {ATTR_SIZE}")
+    buf = (ctypes.c_char * ATTR_SIZE)()  # zero-filled
+    ctypes.memmove(buf, ctypes.addressof(attr), size)
     # All arguments as longs: syscall() is variadic and reads full registers.
     ret = _syscall(
         ctypes.c_long(_bpf_nr()),
         ctypes.c_long(cmd),
-        ctypes.byref(attr),
-        ctypes.c_long(ctypes.sizeof(attr)),
+        buf,
+        ctypes.c_long(ATTR_SIZE),
     )
+    err = ctypes.get_errno()
+    ctypes.memmove(ctypes.addressof(attr), buf, size)
     if ret < 0:
-        raise BpfError(ctypes.get_errno(), operation, target)
+        raise BpfError(err, operation, target)
     return int(ret)
 
 
@@ -255,7 +280,7 @@ def _addr(buf: ctypes.Array | None) -> int:  # type: ignore[type-arg]
 
 
 # --------------------------------------------------------------------------------------------
-# union bpf_attr members (each only as long as needed; the kernel zero-fills the rest)
+# union bpf_attr members (each only as long as needed: bpf() backs it with ATTR_SIZE zeroed bytes)
 # --------------------------------------------------------------------------------------------
 
 
@@ -551,9 +576,12 @@ class Map:
     # -- constructors ----------------------------------------------------------------------
 
     @classmethod
-    def open_pinned(cls, path: str | os.PathLike[str]) -> Self:
-        """Open the map pinned at ``path`` (errors name the path)."""
-        return cls(obj_get(path), os.fspath(path))
+    def open_pinned(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Self:
+        """Open the map pinned at ``path`` (errors name the path).
+
+        ``read_only`` opens it with BPF_F_RDONLY: the kernel refuses every write through the
+        fd (EPERM), and only read permission on the pin is needed."""
+        return cls(obj_get(path, flags=BPF_F_RDONLY if read_only else 0), os.fspath(path))
 
     @classmethod
     def from_fd(cls, fd: int, name: str = "") -> Self:
@@ -622,6 +650,12 @@ class Map:
     def pin(self, path: str | os.PathLike[str]) -> None:
         """Pin this map at ``path``."""
         obj_pin(self.fileno(), path)
+
+    def freeze(self) -> None:
+        """Make the map read-only for user space from now on (BPF_MAP_FREEZE): every later
+        write through any fd fails with EPERM. Programs keep their access."""
+        attr = _MapElemAttr(map_fd=self.fileno())
+        bpf(BPF_MAP_FREEZE, attr, "MAP_FREEZE", self.label)
 
     def __enter__(self) -> Self:
         return self

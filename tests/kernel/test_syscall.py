@@ -622,3 +622,110 @@ def test_ctypes_attr_sizes() -> None:
     assert ctypes.sizeof(syscall._MapBatchAttr) == 56
     assert ctypes.sizeof(syscall._MapElemAttr) == 32
     assert ctypes.sizeof(syscall._MapInfo) == 88
+
+
+# --------------------------------------------------------------------------------------------
+# union bpf_attr: outputs at fixed offsets
+# --------------------------------------------------------------------------------------------
+
+
+def _union_bpf_attr_size() -> int:
+    """sizeof(union bpf_attr) of the running kernel, from its BTF."""
+    out = subprocess.run(
+        ["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for line in out.splitlines():
+        if "UNION 'bpf_attr'" in line:
+            return int(line.split("size=")[1].split()[0])
+    raise AssertionError("no union bpf_attr in the kernel's BTF")
+
+
+def test_attr_buffer_covers_the_running_kernels_union() -> None:
+    # The kernel writes outputs at their offsets in union bpf_attr; the buffer every command
+    # passes must reach past the end of the union this kernel has (168 bytes on 6.18).
+    assert _union_bpf_attr_size() <= syscall.ATTR_SIZE
+
+
+def test_a_canary_after_a_short_attr_survives_prog_query(
+    bpf_objects: dict[str, Path], pin_dir: Path, cgroup: Path, fds: list[int]
+) -> None:
+    """PROG_QUERY writes query.revision at offset 56 of union bpf_attr (6.16+); _QueryAttr is
+    40 bytes. The bytes right after the caller's struct must stay untouched."""
+
+    class Probe(ctypes.Structure):
+        _fields_ = [("attr", syscall._QueryAttr), ("canary", ctypes.c_uint8 * 128)]
+
+    connect4 = syscall.CGROUP_INET4_CONNECT
+    allow_fd = _load(bpf_objects["kt_allow"], pin_dir / "allow")
+    fds.append(allow_fd)
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    fds.append(cg_fd)
+    # A program on the hook: the cgroup's revision is then non-zero, so a write shows.
+    fds.append(syscall.link_create(allow_fd, cg_fd, connect4))
+    for query_flags in (0, syscall.BPF_F_QUERY_EFFECTIVE):
+        probe = Probe()
+        ctypes.memset(ctypes.addressof(probe.canary), 0xA5, ctypes.sizeof(probe.canary))
+        ids = (ctypes.c_uint32 * 4)()
+        probe.attr.target_fd = cg_fd
+        probe.attr.attach_type = connect4
+        probe.attr.query_flags = query_flags
+        probe.attr.prog_ids = ctypes.addressof(ids)
+        probe.attr.prog_cnt = 4
+        syscall.bpf(syscall.BPF_PROG_QUERY, probe.attr, "PROG_QUERY")
+        assert bytes(probe.canary) == b"\xa5" * ctypes.sizeof(probe.canary)
+        # Outputs inside the struct still come back.
+        assert probe.attr.prog_cnt == 1
+        assert list(ids[:1]) == [syscall.prog_info(allow_fd).id]
+
+
+def test_every_command_hands_the_kernel_a_full_zeroed_attr(
+    bpf_objects: dict[str, Path], pin_dir: Path, cgroup: Path, fds: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever struct a command fills, the kernel gets ATTR_SIZE bytes at an address of our
+    own: the caller's fields, then zeros. Never the caller's short struct itself."""
+    calls: list[tuple[int, int, bytes]] = []
+    real = syscall._syscall
+
+    def spy(nr: ctypes.c_long, cmd: ctypes.c_long, attr: object, size: ctypes.c_long) -> int:
+        # attr is a ctypes object or a byref() of one (CArgObject, the object in _obj).
+        target = getattr(attr, "_obj", attr)
+        calls.append((cmd.value, size.value,
+                      ctypes.string_at(ctypes.addressof(target), size.value)))  # type: ignore[arg-type]
+        return int(real(nr, cmd, attr, size))
+
+    monkeypatch.setattr(syscall, "_syscall", spy)
+    connect4 = syscall.CGROUP_INET4_CONNECT
+    allow_fd = _load(bpf_objects["kt_allow"], pin_dir / "allow")
+    fds.append(allow_fd)
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    fds.append(cg_fd)
+    with Map.create(syscall.HASH, 4, 8, 16, name="kt_full") as m:
+        m.update(u32(1), u64(2))
+        assert m.lookup(u32(1)) == u64(2)
+        assert list(m.keys()) == [u32(1)]
+        assert m.lookup_batch() == [(u32(1), u64(2))]
+        assert m.update_batch([(u32(2), u64(3))]) == 1
+        assert m.delete_batch([u32(2)]) == 1
+        assert m.delete(u32(1))
+        m.pin(pin_dir / "full")
+    fds.append(syscall.obj_get(pin_dir / "full"))
+    link_fd = syscall.link_create(allow_fd, cg_fd, connect4)
+    fds.append(link_fd)
+    syscall.link_info(link_fd)
+    syscall.link_update(link_fd, allow_fd, old_prog_fd=allow_fd)
+    assert syscall.prog_query(cg_fd, connect4) == [syscall.prog_info(allow_fd).id]
+    syscall.link_detach(link_fd)
+
+    commands = {cmd for cmd, *_ in calls}
+    assert {syscall.BPF_MAP_CREATE, syscall.BPF_MAP_UPDATE_ELEM, syscall.BPF_MAP_LOOKUP_ELEM,
+            syscall.BPF_MAP_GET_NEXT_KEY, syscall.BPF_MAP_LOOKUP_BATCH,
+            syscall.BPF_MAP_UPDATE_BATCH, syscall.BPF_MAP_DELETE_BATCH,
+            syscall.BPF_MAP_DELETE_ELEM, syscall.BPF_OBJ_PIN, syscall.BPF_OBJ_GET,
+            syscall.BPF_OBJ_GET_INFO_BY_FD, syscall.BPF_LINK_CREATE, syscall.BPF_LINK_UPDATE,
+            syscall.BPF_PROG_QUERY, syscall.BPF_LINK_DETACH} <= commands
+    for cmd, size, raw in calls:
+        assert size == syscall.ATTR_SIZE, f"command {cmd} passed {size} bytes"
+        # The tail past the longest struct we fill is zero (the kernel insists, E2BIG).
+        assert raw[64:] == bytes(size - 64), f"command {cmd}: tail not zeroed"
