@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = _config_arg(sub.add_parser("run", help="run the node agent"))
+    run.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                     help="how long to wait for another agent holding the pin dir to exit "
+                     "(an overlapping restart) before giving up; 0 fails at once "
+                     "(default: 60)")
     run.set_defaults(func=cmd_run)
 
     check = _config_arg(
@@ -99,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         dp_sub.add_parser("remove", help="detach the programs and remove every pin"))
     remove.set_defaults(func=cmd_datapath_remove)
 
+    uninstall = _config_arg(sub.add_parser(
+        "uninstall", help="detach the programs and remove every pin, compiled object and "
+        "status file of this installation"))
+    uninstall.add_argument("--force", action="store_true",
+                           help="also while an agent still holds the pin dir")
+    uninstall.set_defaults(func=cmd_uninstall)
+
     _add_extensions(sub)
     return p
 
@@ -127,9 +138,12 @@ def _load_plugins(cfg: config_mod.Config) -> Plugins:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from kmesh_plugin.datapath import loader
     from kmesh_plugin.sources.factory import make_source
 
     cfg = _load_config(args.config)
+    # The pin dir, build dir and cached object the agent would trust (exit 1 if it must not).
+    loader.check_paths(cfg.pin_dir, cfg.build_dir, cfg.capacities)
     plugins = _load_plugins(cfg)
     try:
         make_source(cfg).check()
@@ -162,26 +176,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before the kernel is touched.
     cfg = _load_config(args.config)
     logs.setup(cfg.log_level, cfg.log_format)
+    loader.check_paths(cfg.pin_dir, cfg.build_dir, cfg.capacities)
     plugins = _load_plugins(cfg)
     source = make_source(cfg)
     try:
         source.check()
     except KmeshError as e:
         raise ConfigError(cfg.path, "source", str(e)) from None
+    # One agent per pin dir: held from here until this process exits. An agent still running
+    # on it (a restart that overlaps the old pod) is waited for; meanwhile the pinned datapath
+    # keeps translating. Taken before the metrics port, which the old agent still holds.
+    timeout = loader.LOCK_TIMEOUT if args.lock_timeout is None else args.lock_timeout
+    lock = loader.lock_pin_dir(cfg.pin_dir, timeout)
     metrics = None
-    if cfg.metrics:  # bound before the kernel is touched: a taken port changes nothing
-        metrics = AgentMetrics(cfg.node_name)
-        try:
-            metrics.serve(cfg.metrics_address, cfg.metrics_port)
-        except OSError as e:
-            raise ConfigError(cfg.path, "agent.metrics_port",
-                              f"cannot serve metrics on {cfg.metrics_address}:"
-                              f"{cfg.metrics_port}: {e.strerror}") from None
-
-    datapath = loader.attach(
-        cfg.pin_dir, cfg.cgroup, cfg.capacities, cfg.build_dir,
-        clang=cfg.clang, bpftool=Bpftool(cfg.bpftool),
-    )
+    try:
+        if cfg.metrics:  # bound before the maps are touched: a taken port changes nothing
+            metrics = AgentMetrics(cfg.node_name)
+            try:
+                metrics.serve(cfg.metrics_address, cfg.metrics_port)
+            except OSError as e:
+                raise ConfigError(cfg.path, "agent.metrics_port",
+                                  f"cannot serve metrics on {cfg.metrics_address}:"
+                                  f"{cfg.metrics_port}: {e.strerror}") from None
+        datapath = loader.attach(
+            cfg.pin_dir, cfg.cgroup, cfg.capacities, cfg.build_dir,
+            clang=cfg.clang, bpftool=Bpftool(cfg.bpftool), lock=lock,
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        lock.release()
+        raise
     agent = Agent(
         node_name=cfg.node_name,
         state=ClusterState(cfg.locality, cfg.node_name),
@@ -247,6 +272,76 @@ def cmd_datapath_build(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     print(compile_object(cfg.capacities, cfg.build_dir, cfg.clang))
     return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Leave the node as it was before this installation: no program attached, no pin, no
+    compiled object of ours, no status file. Run twice, the second finds nothing to do."""
+    from kmesh_plugin.datapath import loader
+    from kmesh_plugin.datapath.mounts import check_trusted
+    from kmesh_plugin.errors import DatapathError
+
+    cfg = _load_config(args.config)
+    # Refuse before removing anything, not half-way.
+    loader.check_pins_trusted(cfg.pin_dir)
+    check_trusted(cfg.build_dir, "build dir")
+    lock = None
+    if cfg.pin_dir.is_dir():
+        try:
+            lock = loader.PinLock.acquire(cfg.pin_dir)
+        except DatapathError as e:
+            if not args.force:
+                raise DatapathError(f"{e}; `uninstall --force` removes it anyway") from None
+            log.warning("uninstalling under a running agent (--force): %s", e)
+    done: list[str] = []
+    try:
+        for step in (_uninstall_cni, _uninstall_datapath, _uninstall_objects,
+                     _uninstall_status):
+            done += step(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+    for line in done or [f"nothing to uninstall for {cfg.path}"]:
+        print(line)
+    return 0
+
+
+def _uninstall_cni(cfg: config_mod.Config) -> list[str]:
+    """The chained CNI plugin's entry in the node's conflist goes first (no new pod enrols
+    once uninstall has begun). Nothing installs one yet: the CNI entry point that adds it
+    removes it here."""
+    return []
+
+
+def _uninstall_datapath(cfg: config_mod.Config) -> list[str]:
+    from kmesh_plugin.datapath import loader
+
+    return loader.remove(cfg.pin_dir)
+
+
+def _uninstall_objects(cfg: config_mod.Config) -> list[str]:
+    from kmesh_plugin.datapath import build
+
+    return build.remove_objects(cfg.build_dir)
+
+
+def _uninstall_status(cfg: config_mod.Config) -> list[str]:
+    """The status file, a temporary one a crash left (StatusFile writes ``.<name>.*``), and
+    its directory if nothing else is in it."""
+    path = cfg.status_file
+    done = []
+    for leftover in (path, *path.parent.glob(f".{path.name}.*")):
+        if leftover.is_file() or leftover.is_symlink():
+            leftover.unlink()
+            done.append(f"removed {leftover}")
+    if done:
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # not empty: the rest is not ours
+        else:
+            done.append(f"removed {path.parent}")
+    return done
 
 
 def cmd_datapath_remove(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def explain(
                        f"use that node's plugin.toml to read node {node}'s")
     else:
         try:
-            dp = Datapath.open(cfg.pin_dir)
+            dp = Datapath.open(cfg.pin_dir, read_only=True)
         except KmeshError as e:
             kernel_note = f"not read: {e}"
         else:

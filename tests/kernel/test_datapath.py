@@ -209,8 +209,15 @@ def test_capacity_errors_change_nothing(bed: Bed) -> None:
     before = read_table(bed.dp)
     huge = tiers([records.Backend(ip(f"198.18.{i // 250}.{i % 250 + 1}"), 80)
                   for i in range(bed.capacities.max_endpoints)], mode=MODE_FAILOVER)
-    with pytest.raises(DatapathError, match="max_endpoints"):
-        bed.publish({FRONT: huge})
+    other = Frontend(ip("198.19.0.11"), 80, socket.IPPROTO_TCP)
+    # A change that cannot fit is left out, with its reason; one that fits still lands.
+    stats = bed.writer.publish({FRONT: huge, other: tiers([ep], mode=MODE_FAILOVER)})
+    assert set(stats.left_out) == {FRONT}
+    assert stats.left_out[FRONT].reason == "max_endpoints" and stats.left_out[FRONT].stale
+    assert "datapath.max_endpoints=1024" in stats.left_out[FRONT].detail
+    assert stats.added == 1
+    bed.writer.publish({other: None})
+    bed.writer.settle()
     assert read_table(bed.dp) == before
     assert bed.dp[records.MAP_SLOTS].keys() is not None
     assert sum(1 for _ in bed.dp[records.MAP_SLOTS].keys()) == 1
