@@ -6,12 +6,24 @@ each batch of events recomputes only the Services it touches (and those waiting 
 ClusterIP:port that a touched Service let go of); any label change of the agent's own node
 recomputes everything, and each group still switches at once (see datapath/writer.py).
 
-A reconcile that fails (a plugin error, a full map) changes nothing for the Services involved:
-the kernel keeps their last good state, and the error is logged with the Service's name.
+A plugin error changes nothing for the Service involved: the kernel keeps its last good state
+and the error is logged with the Service's name. A kernel error during a publish leaves every
+group with its last set or its new one, whole (the writer's books follow the kernel), and the
+publish is retried with backoff.
+
+Capacity. What does not fit in the maps (datapath.max_services, datapath.max_endpoints) never
+holds up the rest: every deletion is applied and every Service that fits is written, group by
+group if need be (see datapath/writer.py); the groups left out are named in the log, in the
+status file (``not_programmed``) and in the metrics, each with its reason, and keep what the maps
+held for them (nothing for a new Service, its last set for a changed one). Once a publish frees
+room for some of them (a deletion, a Service that shrank), they are written in the same
+reconcile. A tier of more than 65,535 endpoints (the kernel's slot index is 16 bits) is an
+error of that Service alone, reported the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -27,7 +39,13 @@ from kmesh_plugin.agent.state import ClusterState, Impact, ServiceKey
 from kmesh_plugin.agent.status import StatusFile
 from kmesh_plugin.datapath.loader import PROGRAMS, Datapath
 from kmesh_plugin.datapath.records import BackendSet, Frontend
-from kmesh_plugin.datapath.writer import MapWriter, PublishStats
+from kmesh_plugin.datapath.writer import (
+    GRACE_PERIOD,
+    MAX_ENDPOINTS,
+    MAX_SERVICES,
+    MapWriter,
+    PublishStats,
+)
 from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.hookspecs import StrategySettings
 from kmesh_plugin.model import DatapathInfo, NodeInfo
@@ -39,6 +57,28 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 10.0  # seconds between status rewrites while idle (status shows a hung agent)
 RETRY_MIN = 0.5  # seconds before the first retry of a failed publish
 RETRY_MAX = 30.0
+MAX_TIER_ENDPOINTS = 0xFFFF  # kmesh_slot_key.index is a u16
+TIER_TOO_LARGE = "tier_too_large"  # NotProgrammed.reason: a tier beyond the u16 slot index
+REASONS = (MAX_ENDPOINTS, MAX_SERVICES, GRACE_PERIOD, TIER_TOO_LARGE)
+STATUS_LISTED = 100  # Services the status file lists by name (all are counted)
+LOG_LISTED = 50  # Services a log line names
+
+
+@dataclass(frozen=True)
+class NotProgrammed:
+    """A group of a Service (or the whole Service: ``frontend`` None) that the maps do not
+    hold as planned, and why."""
+
+    frontend: Frontend | None
+    reason: str  # MAX_ENDPOINTS, MAX_SERVICES, GRACE_PERIOD or TIER_TOO_LARGE
+    detail: str
+    stale: bool  # the maps keep an older set of it
+    slots: int = 0  # free endpoint slots it needs to fit
+    groups: int = 0  # free service groups it needs to fit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"frontend": None if self.frontend is None else str(self.frontend),
+                "reason": self.reason, "detail": self.detail, "stale": self.stale}
 
 
 @dataclass
@@ -50,6 +90,23 @@ class ReconcileReport:
     publish: PublishStats
     errors: list[str] = field(default_factory=list)
     failed: bool = False  # the publish failed: the maps kept their last good state
+    # Of the Services this reconcile handled: what the maps do not hold as planned.
+    not_programmed: dict[ServiceKey, list[NotProgrammed]] = field(default_factory=dict)
+
+    def merge(self, other: ReconcileReport) -> ReconcileReport:
+        """This report followed by ``other`` (the Services written once room was freed)."""
+        p, q = self.publish, other.publish
+        publish = PublishStats(
+            added=p.added + q.added, updated=p.updated + q.updated,
+            removed=p.removed + q.removed, unchanged=p.unchanged + q.unchanged,
+            slot_writes=p.slot_writes + q.slot_writes, syscalls=p.syscalls + q.syscalls,
+            seconds=p.seconds + q.seconds, steps=p.steps + q.steps,
+            left_out={**p.left_out, **q.left_out},
+        )
+        return ReconcileReport(self.at, self.seconds + other.seconds, self.full,
+                               self.services + other.services, publish,
+                               self.errors + other.errors, self.failed or other.failed,
+                               {**self.not_programmed, **other.not_programmed})
 
 
 class Agent:
@@ -91,6 +148,14 @@ class Agent:
         self._pending_full = False
         self._retry_delay = RETRY_MIN
         self._retry_at = 0.0
+        # What the maps do not hold as planned, by Service; and of those, the ones waiting for
+        # room: the least (slots, groups) one of their groups needs free.
+        self.not_programmed: dict[ServiceKey, list[NotProgrammed]] = {}
+        self._waiting: dict[ServiceKey, tuple[int, int]] = {}
+        self._headroom_seen: tuple[int, int] | None = None
+        self._logged_left_out: dict[ServiceKey, str] = {}
+        self._np_changed = False  # not_programmed changed since it was last logged
+        self._np_status: dict[str, Any] | None = None  # its status summary, while unchanged
         self.started_at = time.time()
         self._status_written = 0.0
 
@@ -112,9 +177,10 @@ class Agent:
                 if batch is not None:
                     self.handle(batch)
                     continue
-                # Idle: retry what failed, delete the old sets whose grace period is over,
-                # and keep the status fresh so `status` can tell a hung agent.
-                if self.retry_due():
+                # Idle: retry what failed or waits for room that a publish freed, delete the
+                # old sets whose grace period is over, and keep the status fresh so `status`
+                # can tell a hung agent.
+                if self.retry_due() or self._room_changed():
                     self.handle(Batch())
                 if self.writer.slots_retired():
                     with self.lock:
@@ -124,10 +190,17 @@ class Agent:
         finally:
             self.plugins.notify("kmesh_agent_stopping", node=self.node_info())
             self.source.close()
-            # Leave no retired set behind: delete what is due, after one grace period.
-            self.writer.settle()
+            # Leave no retired set behind: delete what is due, after one grace period. One
+            # that does not pass in time leaves them to the next agent's recovery.
+            if not self.writer.settle():
+                log.warning("retired sets are left in the maps for the next agent to reclaim",
+                            extra={"slots": self.writer.slots_retired()})
             self.writer.close()
             log.info("agent stopped; the datapath stays attached", extra={"node": self.node_name})
+
+    def _room_changed(self) -> bool:
+        """Services wait for room, and the room in the maps changed since last looked at."""
+        return bool(self._waiting) and self.writer.headroom() != self._headroom_seen
 
     def retry_due(self) -> bool:
         return (self._pending_full or bool(self._pending)) and time.monotonic() >= self._retry_at
@@ -173,22 +246,18 @@ class Agent:
         impact.services |= self._pending
         report = None
         if impact:
-            with gcpause.paused():
-                report = self._full() if impact.everything else self._partial(impact.services)
-            if report.full:
-                gcpause.settle()
-            self._note_outcome(report, impact)
-            report.seconds = time.perf_counter() - started
+            report = self._reconcile(impact, started)
+        if self.synced and not (report is not None and report.failed):
+            # A publish that freed room writes what was left out for want of it, at once.
+            due = self._room_for_left_out()
+            if due:
+                log.info("room freed in the maps: writing %d Services left out before",
+                         len(due))
+                extra = self._reconcile(Impact(services=due), time.perf_counter())
+                report = extra if report is None else report.merge(extra)
+        if report is not None:
             self.last = report
-            log.info(
-                "reconciled",
-                extra={
-                    "full": report.full, "services": report.services,
-                    "added": report.publish.added, "updated": report.publish.updated,
-                    "removed": report.publish.removed, "unchanged": report.publish.unchanged,
-                    "seconds": round(report.seconds, 6),
-                },
-            )
+            self._log_left_out()
         for name, before, after in impact.relabelled:
             node = self.planner.client(self.state) if name == self.node_name else NodeInfo(
                 name, after, dict(self.state.nodes[name].labels) if name in self.state.nodes
@@ -203,10 +272,40 @@ class Agent:
         self._write_status()
         return report
 
+    def _reconcile(self, impact: Impact, started: float) -> ReconcileReport:
+        with gcpause.paused():
+            report = self._full() if impact.everything else self._partial(impact.services)
+        if report.full:
+            gcpause.settle()
+        self._note_outcome(report, impact)
+        report.seconds = time.perf_counter() - started
+        log.info(
+            "reconciled",
+            extra={
+                "full": report.full, "services": report.services,
+                "added": report.publish.added, "updated": report.publish.updated,
+                "removed": report.publish.removed, "unchanged": report.publish.unchanged,
+                "left_out": len(report.publish.left_out), "steps": report.publish.steps,
+                "seconds": round(report.seconds, 6),
+            },
+        )
+        return report
+
     def _note_outcome(self, report: ReconcileReport, impact: Impact) -> None:
         if not report.failed:
             self._pending, self._pending_full = set(), False
-            self._retry_delay = RETRY_MIN
+            # A group held up by a grace period (slow or failing barrier) is retried like a
+            # failed publish; one left out for want of room waits for room (_waiting).
+            deferred = {key for key, entries in report.not_programmed.items()
+                        if any(e.reason == GRACE_PERIOD for e in entries)}
+            if not deferred:
+                self._retry_delay = RETRY_MIN
+                return
+            self._pending = deferred
+            self._retry_at = time.monotonic() + self._retry_delay
+            log.info("%d Services wait for a grace period; retrying in %.1f s", len(deferred),
+                     self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             return
         if impact.everything:
             self._pending_full = True
@@ -235,12 +334,14 @@ class Agent:
             report.publish = self.writer.sync(desired)
         except KmeshError as e:
             report.failed = True
-            report.errors.append(f"publish failed, maps unchanged: {e}")
-            log.error("publish failed, maps keep their last good state: %s", e)
+            report.errors.append(f"publish failed, retrying: {e}")
+            log.error("publish failed (each group holds its last set or its new one, whole); "
+                      "retrying: %s", e)
             return report
         self.groups_of = planned
         self._holder = {f: key for key, groups in planned.items() for f in groups}
         self._refused = {**kept_refusals, **refused}
+        self._left_out(report, planned, everything=True)
         return report
 
     def _partial(self, services: set[ServiceKey]) -> ReconcileReport:
@@ -278,8 +379,9 @@ class Agent:
             report.publish = self.writer.publish(changes)
         except KmeshError as e:
             report.failed = True
-            report.errors.append(f"publish failed, maps unchanged: {e}")
-            log.error("publish failed, maps keep their last good state: %s", e,
+            report.errors.append(f"publish failed, retrying: {e}")
+            log.error("publish failed (each group holds its last set or its new one, whole); "
+                      "retrying: %s", e,
                       extra={"services": sorted(f"{n}/{s}" for n, s in services)})
             return report
         for key, groups in planned.items():
@@ -292,23 +394,113 @@ class Agent:
             self._refused.pop(key, None)
             if key in refused:
                 self._refused[key] = refused[key]
+        self._left_out(report, planned, everything=False)
         return report
+
+    def _left_out(self, report: ReconcileReport,
+                  planned: dict[ServiceKey, dict[Frontend, GroupPlan]], everything: bool) -> None:
+        """Record what the maps do not hold as planned, for the Services just reconciled."""
+        found = report.not_programmed  # planning errors (tiers too large) are in already
+        if report.publish.left_out:
+            owner = {f: key for key, groups in planned.items() for f in groups}
+            lines = 0
+            for frontend, lo in report.publish.left_out.items():
+                key = owner.get(frontend)
+                if key is None:
+                    continue
+                found.setdefault(key, []).append(NotProgrammed(
+                    frontend, lo.reason, lo.detail, lo.stale, lo.slots, lo.groups))
+                lines += 1
+                if lines <= LOG_LISTED:
+                    report.errors.append(
+                        f"Service {key[0]}/{key[1]}: {frontend} not programmed ({lo.reason}): "
+                        f"{lo.detail}" + ("; the maps keep its last set" if lo.stale else ""))
+            if lines > LOG_LISTED:
+                report.errors.append(f"... and {lines - LOG_LISTED} more groups not programmed "
+                                     "(the status file's not_programmed lists them)")
+        if everything:
+            self._np_changed = bool(self.not_programmed) or bool(found)
+            self.not_programmed, self._waiting = {}, {}
+        else:
+            for key in (*planned, *found):
+                if self.not_programmed.pop(key, None) is not None:
+                    self._np_changed = True
+                self._waiting.pop(key, None)
+        if found:
+            self._np_changed = True
+        if self._np_changed:
+            self._np_status = None
+        for key, entries in found.items():
+            self.not_programmed[key] = entries
+            room = [(e.slots, e.groups) for e in entries
+                    if e.reason in (MAX_ENDPOINTS, MAX_SERVICES)]
+            if room:
+                self._waiting[key] = min(room)
+
+    def _room_for_left_out(self) -> set[ServiceKey]:
+        """The Services left out for want of room that may fit now: O(1) while the room in
+        the maps is as it was when last looked at."""
+        if not self._waiting:
+            return set()
+        groups, slots = self.writer.headroom()
+        if self._headroom_seen == (groups, slots):
+            return set()
+        self._headroom_seen = (groups, slots)
+        return {key for key, (s, g) in self._waiting.items() if s <= slots and g <= groups}
+
+    def _log_left_out(self) -> None:
+        """One line naming the Services not programmed, whenever that set changes."""
+        if not self._np_changed:
+            return
+        self._np_changed = False
+        now = {key: entries[0].reason for key, entries in self.not_programmed.items()}
+        if now == self._logged_left_out:
+            return
+        self._logged_left_out = now
+        if not now:
+            log.info("every Service is programmed again")
+            return
+        names = [f"{ns}/{name} ({reason})" for (ns, name), reason in sorted(now.items())]
+        more = f" and {len(names) - LOG_LISTED} more" if len(names) > LOG_LISTED else ""
+        log.error(
+            "%d Services are not (fully) programmed in the maps: %s%s",
+            len(names), ", ".join(names[:LOG_LISTED]), more,
+            extra={"services": [f"{ns}/{name}" for ns, name in sorted(now)],
+                   "reasons": dict(collections.Counter(now.values()))},
+        )
 
     def _plan(self, key: ServiceKey, report: ReconcileReport) -> dict[Frontend, GroupPlan] | None:
         """The Service's groups by frontend; {} when it has none; None when planning failed."""
         try:
             plan = self.planner.plan_service(self.state, key, detail=False)
-        except Exception as e:  # a plugin's bug must not take the agent down
-            message = f"Service {key[0]}/{key[1]}: planning failed, kept last good state: {e}"
+        except ValueError as e:
+            if not _tier_overflow(e):
+                return self._plan_failed(key, report, e)
+            stale = bool(self.groups_of.get(key))
+            message = (
+                f"Service {key[0]}/{key[1]}: not programmed: {e} (a tier of the datapath holds "
+                f"at most {MAX_TIER_ENDPOINTS} endpoints: its slot index is 16 bits)"
+                + ("; the maps keep its last set" if stale else "")
+            )
             report.errors.append(message)
             log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
+            report.not_programmed[key] = [NotProgrammed(None, TIER_TOO_LARGE, str(e), stale)]
             return None
+        except Exception as e:  # a plugin's bug must not take the agent down
+            return self._plan_failed(key, report, e)
         if plan is None:
             return {}
         if plan.warning and (key, plan.warning) not in self._warned:
             self._warned.add((key, plan.warning))
             log.warning(plan.warning, extra={"service": f"{key[0]}/{key[1]}"})
         return {g.frontend: g for g in plan.groups}
+
+    def _plan_failed(self, key: ServiceKey, report: ReconcileReport,
+                     e: Exception) -> dict[Frontend, GroupPlan] | None:
+        message = f"Service {key[0]}/{key[1]}: planning failed, kept last good state: {e}"
+        report.errors.append(message)
+        log.error(message, extra={"service": f"{key[0]}/{key[1]}"})
+        return None
 
     def _claim_frontends(
         self, planned: dict[ServiceKey, dict[Frontend, GroupPlan]], report: ReconcileReport
@@ -351,6 +543,7 @@ class Agent:
 
     def status_dict(self) -> dict[str, Any]:
         last = self.last
+        writer_status = getattr(self.writer, "status", None)  # test doubles may have none
         return {
             "node": self.node_name,
             "pid": os.getpid(),
@@ -371,7 +564,9 @@ class Agent:
                     "max_services": self.datapath.capacities.max_services,
                     "max_endpoints": self.datapath.capacities.max_endpoints,
                 },
+                "writer": writer_status() if writer_status is not None else None,
             },
+            "not_programmed": self.not_programmed_status(),
             "plugins": self.plugins.names,
             "metrics": self.metrics.url if self.metrics else None,
             "last_reconcile": None if last is None else {
@@ -385,11 +580,37 @@ class Agent:
                 "unchanged": last.publish.unchanged,
                 "slot_writes": last.publish.slot_writes,
                 "syscalls": last.publish.syscalls,
+                "steps": last.publish.steps,
+                "left_out": len(last.publish.left_out),
                 "errors": last.errors,
             },
         }
+
+    def not_programmed_status(self) -> dict[str, Any]:
+        """What the maps do not hold as planned: counted by reason, the first Services (by
+        name) listed with each group's reason. Made again only when it changed: a status
+        is written after every reconcile."""
+        if self._np_status is not None:
+            return self._np_status
+        reasons: collections.Counter[str] = collections.Counter(
+            e.reason for entries in self.not_programmed.values() for e in entries)
+        listed = sorted(self.not_programmed)[:STATUS_LISTED]
+        self._np_status = {
+            "count": len(self.not_programmed),
+            "groups": {reason: reasons[reason] for reason in REASONS},
+            "services": {f"{ns}/{name}": [e.to_json() for e in self.not_programmed[(ns, name)]]
+                         for ns, name in listed},
+            "truncated": len(self.not_programmed) > len(listed),
+        }
+        return self._np_status
 
     def _write_status(self) -> None:
         if self.status is not None:
             self.status.write(self.status_dict())
             self._status_written = time.time()
+
+
+def _tier_overflow(e: ValueError) -> bool:
+    """The planner's BackendSet refused a tier beyond the u16 slot index (records.py says
+    "a tier holds at most 65535 endpoints, got N")."""
+    return "tier holds at most" in str(e)

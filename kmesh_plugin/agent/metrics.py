@@ -8,7 +8,9 @@ Prometheus' rate() treats as the counter reset it is.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from kmesh_plugin import __version__
 from kmesh_plugin.datapath import inspect
+from kmesh_plugin.datapath.loader import Datapath
 
 if TYPE_CHECKING:
     from kmesh_plugin.agent.agent import Agent
@@ -32,6 +35,7 @@ RECONCILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 class AgentMetrics:
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._kernel: KernelCollector | None = None
         self.reconcile_seconds = Histogram(
             "kmesh_reconcile_duration_seconds",
             "Time from a batch of cluster changes to the maps holding them.",
@@ -62,8 +66,10 @@ class AgentMetrics:
 
     def attach(self, agent: Agent) -> None:
         """Export the agent's kernel counters and map fill levels from now on."""
-        self.registry.register(KernelCollector(agent))
+        self._kernel = KernelCollector(agent)
+        self.registry.register(self._kernel)
         self.registry.register(SourceCollector(agent))
+        self.registry.register(ProgrammingCollector(agent))
         agent.metrics = self
 
     def serve(self, address: str, port: int) -> str:
@@ -76,6 +82,8 @@ class AgentMetrics:
         return self.url
 
     def close(self) -> None:
+        if self._kernel is not None:
+            self._kernel.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -87,6 +95,28 @@ class KernelCollector(Collector):
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self._reader: Datapath | None = None  # read-only handles on the agent's pins
+        self._reading: Datapath | None = None  # the agent datapath they were opened for
+        self._open_lock = threading.Lock()  # scrapes run on the HTTP server's threads
+
+    def reader(self) -> Datapath:
+        """The scrape reads through maps opened with BPF_F_RDONLY: whatever the HTTP thread
+        does, the kernel refuses a write through them."""
+        dp = self.agent.datapath
+        with self._open_lock:
+            if self._reading is not dp or self._reader is None:
+                self._close()
+                self._reader, self._reading = Datapath.open(dp.pins.root, read_only=True), dp
+            return self._reader
+
+    def close(self) -> None:
+        with self._open_lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = self._reading = None
 
     def collect(self) -> Iterator[Metric]:
         connects = CounterMetricFamily(
@@ -110,7 +140,7 @@ class KernelCollector(Collector):
                 for key, groups in self.agent.groups_of.items()
                 for frontend, plan in groups.items()
             }
-        dp = self.agent.datapath
+        dp = self.reader()
         stats = inspect.read_stats(dp, [p.sid for p in published.values()])
         for frontend, p in published.items():
             owner = owners.get(frontend)
@@ -127,6 +157,46 @@ class KernelCollector(Collector):
             entries.add_metric([name], used[name])
             capacity.add_metric([name], dp[name].max_entries)
         yield from (connects, refusals, entries, capacity)
+
+
+class ProgrammingCollector(Collector):
+    """What the maps do not hold as planned (capacity, a tier too large, a grace period that
+    holds a change up), and the grace period barrier's errors; read at scrape time."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        from kmesh_plugin.agent.agent import REASONS
+
+        services = GaugeMetricFamily(
+            "kmesh_services_not_programmed",
+            "Services the maps do not hold (fully) as planned; see kmesh_groups_not_programmed "
+            "and the status file's not_programmed for which and why.",
+        )
+        groups = GaugeMetricFamily(
+            "kmesh_groups_not_programmed",
+            "Service groups (one per Service port and IP family; a whole Service for "
+            "tier_too_large) left out of the maps, by reason: max_endpoints, max_services, "
+            "tier_too_large, grace_period.",
+            labels=["reason"],
+        )
+        with self.agent.lock:
+            counts = collections.Counter(e.reason for entries in
+                                         self.agent.not_programmed.values() for e in entries)
+            services.add_metric([], len(self.agent.not_programmed))
+        for reason in REASONS:
+            groups.add_metric([reason], counts[reason])
+        yield from (services, groups)
+        grace = getattr(self.agent.writer, "grace", None)
+        if grace is not None:
+            errors = CounterMetricFamily(
+                "kmesh_grace_barrier_errors",
+                "RCU grace period barriers the kernel refused (each retried with backoff; "
+                "retired sets are reclaimed later meanwhile).",
+            )
+            errors.add_metric([], grace.errors)
+            yield errors
 
 
 class SourceCollector(Collector):

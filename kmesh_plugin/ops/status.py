@@ -17,7 +17,7 @@ STALE_AFTER = 30.0  # seconds without a status heartbeat before the agent counts
 
 
 def dump(cfg: Config) -> inspect.DatapathView:
-    dp = Datapath.open(cfg.pin_dir)
+    dp = Datapath.open(cfg.pin_dir, read_only=True)
     try:
         return inspect.read(dp)
     finally:
@@ -110,6 +110,10 @@ def _agent_health(agent: dict[str, Any]) -> dict[str, Any]:
         if r.get("failing_since"):
             since = time.strftime("%H:%M:%S", time.localtime(r["failing_since"]))
             warnings.append(f"{plural}: API errors since {since} ({r.get('last_error')})")
+    not_programmed = agent.get("not_programmed") or {}
+    if not_programmed.get("count"):
+        # Capacity or an oversized tier: a restart cannot fix it, so a warning, not a problem.
+        warnings.append(f"{not_programmed['count']} Service(s) not (fully) programmed in the maps")
     return {
         "running": alive,
         "healthy": alive and not problems,
@@ -123,6 +127,7 @@ def _agent_health(agent: dict[str, Any]) -> dict[str, Any]:
         "last_reconcile": last or None,
         "plugins": agent.get("plugins"),
         "metrics": agent.get("metrics"),
+        "not_programmed": not_programmed or None,
     }
 
 
@@ -172,6 +177,16 @@ def render_status(s: dict[str, Any]) -> str:
             )
             for err in last.get("errors") or []:
                 lines.append(f"    {err}")
+        np = agent.get("not_programmed") or {}
+        for service, entries in (np.get("services") or {}).items():
+            for e in entries:
+                lines.append(f"  not programmed: {service}"
+                             + (f" {e['frontend']}" if e.get("frontend") else "")
+                             + f" ({e['reason']}): {e['detail']}"
+                             + ("; the maps keep its last set" if e.get("stale") else ""))
+        if np.get("truncated"):
+            lines.append(f"  ... {np['count'] - len(np.get('services') or {})} more Services "
+                         "not programmed (see the status file)")
         lines.append(f"  plugins: {', '.join(agent.get('plugins') or []) or '-'}")
         if agent.get("metrics"):
             lines.append(f"  metrics: {agent['metrics']}")

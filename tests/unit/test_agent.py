@@ -417,7 +417,7 @@ def test_a_failed_publish_changes_nothing_and_is_retried(plugins: Plugins) -> No
                        synced=True))
     writer.fail_next = DatapathError("datapath.max_endpoints is 64")
     report = agent.handle(Batch(up(eps("a", ("198.18.1.1", "w1"), ("198.18.2.1", "w2")))))
-    assert report is not None and report.errors[0].startswith("publish failed, maps unchanged")
+    assert report is not None and report.errors[0].startswith("publish failed, retrying")
     assert writer.published[fe("198.19.0.10")].size == 1
     assert report.failed
     # The failed Service is retried, after a backoff, with no new event.
@@ -468,3 +468,121 @@ def test_run_notifies_start_and_stop_and_closes_the_source(plugins: Plugins) -> 
     assert rec.seen[0] == ("started", "w1") and rec.seen[-1] == ("stopping", "w1")
     assert source.closed
     assert agent.revision == "7" and agent.synced
+
+
+def many_eps(svc: str, count: int) -> dict[str, Any]:
+    return eps(svc, *[(f"198.18.{i // 256}.{i % 256}", "w1") for i in range(count)])
+
+
+def test_a_tier_beyond_the_slot_index_is_an_error_of_that_service_alone(
+    plugins: Plugins, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = RecordingWriter()
+    agent = make_agent(plugins, writer)
+    with caplog.at_level(logging.ERROR):
+        report = agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"),
+                                       eps("a", ("198.18.1.1", "w1")),
+                                       service("big", "198.19.0.11"),
+                                       many_eps("big", 65536)), synced=True))
+    assert report is not None and report.full and not report.failed
+    assert report.errors == [
+        "Service sample/big: not programmed: a tier holds at most 65535 endpoints, got 65536 "
+        "(a tier of the datapath holds at most 65535 endpoints: its slot index is 16 bits)"
+    ]
+    assert set(writer.published) == {fe("198.19.0.10")}  # the rest is programmed
+    st = agent.status_dict()["not_programmed"]
+    assert st["count"] == 1 and st["groups"]["tier_too_large"] == 1
+    assert st["services"]["sample/big"][0]["reason"] == "tier_too_large"
+    assert any("sample/big (tier_too_large)" in r.getMessage() for r in caplog.records)
+    # Once it shrinks under the limit, it is programmed like any other.
+    report = agent.handle(Batch(up(many_eps("big", 3))))
+    assert report is not None and report.errors == []
+    assert writer.published[fe("198.19.0.11")].size == 3
+    assert agent.status_dict()["not_programmed"]["count"] == 0
+
+
+class RoomWriter(RecordingWriter):
+    """RecordingWriter with room for ``groups`` groups: what does not fit is left out, as
+    MapWriter does (every removal applied first)."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.hold_up: set[Frontend] = set()  # updates left out once for a grace period
+
+    def publish(self, changes: Mapping[Frontend, BackendSet | None]) -> PublishStats:
+        from kmesh_plugin.datapath.writer import GRACE_PERIOD, MAX_SERVICES, LeftOut
+
+        removes: dict[Frontend, BackendSet | None] = {
+            f: None for f, b in changes.items() if b is None}
+        stats = super().publish(removes) if removes else PublishStats()
+        left = {}
+        fitting: dict[Frontend, BackendSet | None] = {}
+        for f, b in changes.items():
+            if b is None:
+                continue
+            if f in self.hold_up and f in self.published:
+                self.hold_up.discard(f)
+                left[f] = LeftOut(GRACE_PERIOD, "its inactive set awaits a grace period",
+                                  b.size, 0, True)
+            elif f not in self.published and len(self.published) + sum(
+                    g not in self.published for g in fitting) >= self.groups:
+                left[f] = LeftOut(MAX_SERVICES, "no service group free", b.size, 1, False)
+            else:
+                fitting[f] = b
+        more = super().publish(fitting) if fitting else PublishStats()
+        more.removed += stats.removed
+        more.left_out = left
+        return more
+
+    def headroom(self) -> tuple[int, int]:
+        return self.groups - len(self.published), 1000
+
+
+def test_groups_left_out_for_room_are_named_and_written_once_room_frees(
+    plugins: Plugins,
+) -> None:
+    writer = RoomWriter(groups=2)
+    agent = make_agent(plugins, writer)
+    report = agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"),
+                                   eps("a", ("198.18.1.1", "w1")),
+                                   service("b", "198.19.0.11"), eps("b", ("198.18.1.2", "w1")),
+                                   service("c", "198.19.0.12"), eps("c", ("198.18.1.3", "w1"))),
+                               synced=True))
+    assert report is not None and not report.failed  # was: the whole sync refused, retried
+    assert set(writer.published) == {fe("198.19.0.10"), fe("198.19.0.11")}
+    assert report.errors == ["Service sample/c: 198.19.0.12:80/TCP not programmed "
+                             "(max_services): no service group free"]
+    st = agent.status_dict()
+    assert st["not_programmed"]["services"] == {"sample/c": [{
+        "frontend": "198.19.0.12:80/TCP", "reason": "max_services",
+        "detail": "no service group free", "stale": False}]}
+    assert st["last_reconcile"]["left_out"] == 1
+    assert not agent.retry_due()  # waiting for room, not retried in a loop
+    # A deletion frees a group: c is written in the same reconcile.
+    report = agent.handle(Batch([gone(service("a", "198.19.0.10"))]))
+    assert report is not None and report.errors == []
+    assert set(writer.published) == {fe("198.19.0.11"), fe("198.19.0.12")}
+    assert writer.calls[-2] == {fe("198.19.0.10"): None}  # the deletion went first
+    assert agent.status_dict()["not_programmed"]["count"] == 0
+
+
+def test_a_change_held_up_by_a_grace_period_is_retried_with_backoff(plugins: Plugins) -> None:
+    writer = RoomWriter(groups=10)
+    agent = make_agent(plugins, writer)
+    agent.handle(Batch(up(*WORLD, service("a", "198.19.0.10"), eps("a", ("198.18.1.1", "w1"))),
+                       synced=True))
+    writer.hold_up = {fe("198.19.0.10")}
+    report = agent.handle(Batch(up(eps("a", ("198.18.1.1", "w1"), ("198.18.2.1", "w2")))))
+    assert report is not None and not report.failed
+    assert writer.published[fe("198.19.0.10")].size == 1  # the last set stays meanwhile
+    entry = agent.status_dict()["not_programmed"]["services"]["sample/a"][0]
+    assert entry["reason"] == "grace_period" and entry["stale"] is True
+    assert not agent.retry_due()  # after a backoff
+    agent._retry_at = 0.0  # the backoff has passed
+    assert agent.retry_due()
+    retry = agent.handle(Batch())
+    assert retry is not None and not retry.failed
+    assert writer.published[fe("198.19.0.10")].size == 2
+    assert agent.status_dict()["not_programmed"]["count"] == 0
+    assert not agent.retry_due()
