@@ -7,7 +7,8 @@
  * strict mode) -> uniform random slot in that tier -> rewrite address and port. A frontend with
  * no eligible endpoint refuses the connect with ECONNREFUSED; it never falls through to the
  * ClusterIP, and neither does a ClusterIP on a port it does not serve. Every other destination
- * passes untouched.
+ * passes untouched. In enrolment mode CNI, a socket whose network namespace the chained CNI
+ * plugin did not enrol is not ours: every connect of it passes untouched, ClusterIPs included.
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -72,6 +73,37 @@ struct {
 	__type(key, __u32);
 	__type(value, struct kmesh_stats);
 } kmesh_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kmesh_config);
+} kmesh_config SEC(".maps");
+
+/* Not preallocated: pods come and go a few times a minute, and the program only tests an
+ * entry for presence, so an element recycled under a reader cannot be misread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_PODS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct kmesh_enrolment);
+} kmesh_enrolled SEC(".maps");
+
+/* Is this socket ours (SPEC.md section 9)? One array lookup in mode ALL (the verifier inlines
+ * it), and a hash lookup of the netns cookie in mode CNI. */
+static __always_inline int kmesh_ours(struct bpf_sock_addr *ctx)
+{
+	__u32 zero = 0;
+	struct kmesh_config *config = bpf_map_lookup_elem(&kmesh_config, &zero);
+	__u64 cookie;
+
+	if (!config || config->enrolment != KMESH_ENROL_CNI)
+		return 1;
+	cookie = bpf_get_netns_cookie(ctx);
+	return bpf_map_lookup_elem(&kmesh_enrolled, &cookie) != NULL;
+}
 
 static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
 {
@@ -199,6 +231,8 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	struct kmesh_endpoint endpoint;
 	__u32 ip4 = ctx->user_ip4;
 
+	if (!kmesh_ours(ctx))
+		return SOCK_ADDR_ALLOW;
 	key.addr[10] = 0xff;
 	key.addr[11] = 0xff;
 	__builtin_memcpy(&key.addr[12], &ip4, sizeof(ip4));
@@ -226,6 +260,8 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	struct kmesh_endpoint endpoint;
 	__u32 word;
 
+	if (!kmesh_ours(ctx))
+		return SOCK_ADDR_ALLOW;
 	/* The verifier allows only 4-byte accesses to user_ip6, one word at a time. A v4-mapped
 	 * destination (::ffff:a.b.c.d) arrives here and matches the v4 frontend as stored. */
 	word = ctx->user_ip6[0];

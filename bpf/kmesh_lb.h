@@ -33,13 +33,34 @@
 
 /* The version of the map layouts below. The loader records it beside the pinned maps and
  * refuses to reuse maps of another version (a changed struct would be misread). */
-#define KMESH_LAYOUT_VERSION 2
+#define KMESH_LAYOUT_VERSION 3
 
 /* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
  * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
 #define KMESH_MODE_RANDOM 0
 #define KMESH_MODE_FAILOVER 1
 #define KMESH_MODE_STRICT 2
+
+/* Which sockets are ours (SPEC.md section 9), kmesh_config.enrolment. */
+#define KMESH_ENROL_ALL 0 /* every socket in the attached cgroup subtree */
+#define KMESH_ENROL_CNI 1 /* only sockets whose network namespace is in kmesh_enrolled */
+
+/* Network namespaces kmesh_enrolled holds at most (pods on one node, with room to spare). */
+#define KMESH_MAX_PODS 8192
+
+/* kmesh_config[0]: settings the loader writes before it attaches a program. An all-zero entry
+ * (a map just created) means enrolment ALL. */
+struct kmesh_config {
+	__u32 enrolment; /* KMESH_ENROL_* */
+	__u32 pad;
+};
+
+/* kmesh_enrolled: the netns cookie (bpf_get_netns_cookie, SO_NETNS_COOKIE) of every pod the
+ * chained CNI plugin set up -> what it recorded. */
+struct kmesh_enrolment {
+	__u32 flags; /* none defined yet: 0 */
+	__u32 pad;
+};
 
 /* kmesh_frontends: ClusterIP:port/protocol -> service group id.
  * IPv4 addresses are stored v4-mapped (::ffff:a.b.c.d) so one key type serves connect4 and

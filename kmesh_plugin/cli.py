@@ -168,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kmesh_plugin.agent.metrics import AgentMetrics
     from kmesh_plugin.agent.state import ClusterState
     from kmesh_plugin.agent.status import StatusFile
-    from kmesh_plugin.datapath import loader
+    from kmesh_plugin.datapath import loader, records
     from kmesh_plugin.datapath.bpftool import Bpftool
     from kmesh_plugin.hookspecs import StrategySettings
     from kmesh_plugin.sources.factory import make_source
@@ -201,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         datapath = loader.attach(
             cfg.pin_dir, cfg.cgroup, cfg.capacities, cfg.build_dir,
             clang=cfg.clang, bpftool=Bpftool(cfg.bpftool), lock=lock,
+            enrolment=records.ENROL_CNI if cfg.enrolment == "cni" else records.ENROL_ALL,
         )
     except BaseException:
         if metrics is not None:

@@ -103,6 +103,18 @@ def _source_kind(v: str) -> str | None:
     return None if v in SOURCE_KINDS else 'must be "manifests" or "kubernetes"'
 
 
+ENROLMENT_MODES = ("all", "cni")
+
+
+def _enrolment(v: str) -> str | None:
+    return None if v in ENROLMENT_MODES else 'must be "all" or "cni"'
+
+
+def _file_name(v: str) -> str | None:
+    return None if v == "" or ("/" not in v and v not in (".", "..")) else (
+        "must be a file name in cni.conf_dir, not a path")
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "node": {
         "name": Key(str, ""),
@@ -120,6 +132,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_endpoints": Key(int, 131072, _capacity(
             MAX_ENDPOINTS, "the slot hash map preallocates every entry (u32 max_entries); "
             f"{MAX_ENDPOINTS} slots is about 1 GiB of kernel memory")),
+        "enrolment": Key(str, "all", _enrolment),
+    },
+    "cni": {
+        "conf_dir": Key(str, "/etc/cni/net.d", _absolute),
+        "conflist": Key(str, "", _file_name),
+        "bin_dir": Key(str, "/opt/cni/bin", _absolute),
+        "state_dir": Key(str, "/run/kmesh-plugin/cni", _absolute),
+        "log_file": Key(str, "", _absolute),
     },
     "locality": {
         "network_label": Key(str, "topology.istio.io/network"),
@@ -174,6 +194,12 @@ class Config:
     metrics: bool
     metrics_address: str
     metrics_port: int
+    enrolment: str = "all"
+    cni_conf_dir: Path = Path("/etc/cni/net.d")
+    cni_conflist: str = ""
+    cni_bin_dir: Path = Path("/opt/cni/bin")
+    cni_state_dir: Path = Path("/run/kmesh-plugin/cni")
+    cni_log_file: Path | None = None
 
 
 def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
@@ -311,6 +337,12 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         metrics=v["agent"]["metrics"],
         metrics_address=v["agent"]["metrics_address"],
         metrics_port=v["agent"]["metrics_port"],
+        enrolment=dp["enrolment"],
+        cni_conf_dir=Path(v["cni"]["conf_dir"]),
+        cni_conflist=v["cni"]["conflist"],
+        cni_bin_dir=Path(v["cni"]["bin_dir"]),
+        cni_state_dir=Path(v["cni"]["state_dir"]),
+        cni_log_file=Path(v["cni"]["log_file"]) if v["cni"]["log_file"] else None,
     )
 
 

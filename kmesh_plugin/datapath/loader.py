@@ -90,6 +90,9 @@ class MapSpec:
     flags: int = 0
 
 
+ZERO_KEY = records.U32.pack(0)  # the one entry of kmesh_config and kmesh_meta
+
+
 def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
     """What bpf/kmesh_lb.c declares, computed from the Python layouts and the capacities."""
     svc = capacities.max_services
@@ -107,6 +110,11 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
             capacities.max_endpoints,
         ),
         records.MAP_STATS: MapSpec(syscall.BPF_MAP_TYPE_PERCPU_ARRAY, 4, records.STATS.size, svc),
+        records.MAP_CONFIG: MapSpec(syscall.BPF_MAP_TYPE_ARRAY, 4, records.CONFIG.size, 1),
+        records.MAP_ENROLLED: MapSpec(
+            syscall.BPF_MAP_TYPE_HASH, 8, records.ENROLMENT.size, records.MAX_PODS,
+            syscall.BPF_F_NO_PREALLOC,
+        ),
     }
 
 
@@ -376,6 +384,15 @@ class Datapath:
     def __getitem__(self, name: str) -> syscall.Map:
         return self.maps[name]
 
+    def enrolment(self) -> int:
+        """Which sockets are ours now (records.ENROL_*), read from kmesh_config."""
+        raw = self.maps[records.MAP_CONFIG].lookup(ZERO_KEY)
+        return records.CONFIG.unpack(raw)["enrolment"] if raw else records.ENROL_ALL
+
+    def enrolled(self) -> list[int]:
+        """The netns cookies in kmesh_enrolled."""
+        return sorted(records.U64.unpack(k)[0] for k in self.maps[records.MAP_ENROLLED].keys())
+
     def close(self) -> None:
         """Close every fd (idempotent) and release the lock: the datapath stays pinned."""
         for m in self.maps.values():
@@ -436,6 +453,7 @@ def attach(
     obj: Path | None = None,
     lock: PinLock | None = None,
     lock_timeout: float = 0.0,
+    enrolment: int = records.ENROL_ALL,
 ) -> Datapath:
     """Compile, load and attach, or reload over a running datapath. Returns open map handles
     holding the pin dir's lock until :meth:`Datapath.close`.
@@ -443,7 +461,8 @@ def attach(
     ``lock``: the pin dir's lock, taken beforehand (the agent does, before it binds its ports);
     attach takes it over, and releases it if it fails. Without one, attach takes it, waiting up
     to ``lock_timeout`` s. ``obj``: load this object instead of compiling bpf/kmesh_lb.c (tests
-    load variants)."""
+    load variants). ``enrolment``: which sockets are ours (records.ENROL_*), written to
+    kmesh_config before any link runs the programs."""
     try:
         if not is_cgroup2_dir(cgroup):
             raise DatapathError(f"{cgroup} is not a cgroup v2 directory")
@@ -453,7 +472,8 @@ def attach(
         if lock is None:
             lock = lock_pin_dir(pin_dir, lock_timeout)
         obj = obj or compile_object(capacities, build_dir, clang)
-        dp = _attach_locked(Pins(pin_dir), cgroup, capacities, bpftool or Bpftool(), obj)
+        dp = _attach_locked(Pins(pin_dir), cgroup, capacities, bpftool or Bpftool(), obj,
+                            enrolment)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -465,8 +485,11 @@ def attach(
 
 
 def _attach_locked(
-    pins: Pins, cgroup: Path, capacities: Capacities, tool: Bpftool, obj: Path
+    pins: Pins, cgroup: Path, capacities: Capacities, tool: Bpftool, obj: Path,
+    enrolment: int = records.ENROL_ALL,
 ) -> Datapath:
+    if enrolment not in records.ENROL_NAMES:
+        raise DatapathError(f"unknown enrolment mode {enrolment}")
     for sub in (pins.links, pins.maps):
         if not sub.exists():
             sub.mkdir(mode=DIR_MODE)
@@ -497,6 +520,7 @@ def _attach_locked(
     maps: dict[str, syscall.Map] = {}
     made: list[Path] = []  # pins this attempt added to reused maps/, removed on failure
     swap = _LinkSwap(pins, cgroup, new_progs, olds)
+    old_config: bytes | None = None  # kmesh_config as found, restored if the attach fails
     try:
         for stale in pins.root.glob("progs-new-*"):
             _remove_tree(stale)  # an attach that crashed; we hold the lock, nobody else's
@@ -518,12 +542,23 @@ def _attach_locked(
         for n in specs:
             maps[n] = syscall.Map.open_pinned(pins.map(n))
 
+        # The enrolment mode, before a link runs the new programs (a new map reads as ALL).
+        config = maps[records.MAP_CONFIG]
+        old_config = config.lookup(ZERO_KEY)
+        new_config = records.CONFIG.pack({"enrolment": enrolment, "pad": 0})
+        if old_config != new_config:
+            config.update(ZERO_KEY, new_config)
+            events.append(f"enrolment mode {records.ENROL_NAMES[enrolment]}")
+
         # The commit: every link to its new program, then progs/ to the new pins.
         events += swap.run()
         _install_progs(pins, new_progs)
     except BaseException:
         # Leave what we found: links as they were, no pin of this attempt, no open fd.
         swap.undo()
+        if present and old_config is not None and records.MAP_CONFIG in maps:
+            with contextlib.suppress(BpfError):
+                maps[records.MAP_CONFIG].update(ZERO_KEY, old_config)
         for m in maps.values():
             m.close()
         if barrier is not None:

@@ -19,11 +19,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 2  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 3  # KMESH_LAYOUT_VERSION
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
 MODE_STRICT = 2
 MODE_NAMES = {MODE_RANDOM: "random", MODE_FAILOVER: "failover", MODE_STRICT: "strict"}
+ENROL_ALL = 0  # KMESH_ENROL_ALL: every socket in the attached cgroup subtree
+ENROL_CNI = 1  # KMESH_ENROL_CNI: only sockets of network namespaces in kmesh_enrolled
+ENROL_NAMES = {ENROL_ALL: "all", ENROL_CNI: "cni"}
+MAX_PODS = 8192  # KMESH_MAX_PODS
 
 # Pinned object names (the program and map names in bpf/kmesh_lb.c).
 MAP_FRONTENDS = "kmesh_frontends"
@@ -32,6 +36,8 @@ MAP_ACTIVE = "kmesh_active"
 MAP_RECORDS = "kmesh_records"
 MAP_SLOTS = "kmesh_slots"
 MAP_STATS = "kmesh_stats"
+MAP_CONFIG = "kmesh_config"
+MAP_ENROLLED = "kmesh_enrolled"
 PROG_CONNECT4 = "kmesh_connect4"
 PROG_CONNECT6 = "kmesh_connect6"
 
@@ -158,9 +164,12 @@ ENDPOINT = Layout(
     [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("pad", "H")],
 )
 STATS = Layout("kmesh_stats", [Field("hits", "Q", count=MAX_TIERS), Field("refused", "Q")])
+CONFIG = Layout("kmesh_config", [Field("enrolment", "I"), Field("pad", "I")])
+ENROLMENT = Layout("kmesh_enrolment", [Field("flags", "I"), Field("pad", "I")])
 U32 = struct.Struct("=I")
+U64 = struct.Struct("=Q")  # kmesh_enrolled's key: a netns cookie
 
-ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS)
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT)
 
 
 def parse_ip(text: str) -> IPAddress:
