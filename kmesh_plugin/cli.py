@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kmesh_plugin import config as config_mod
 from kmesh_plugin import logs
@@ -103,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
         dp_sub.add_parser("remove", help="detach the programs and remove every pin"))
     remove.set_defaults(func=cmd_datapath_remove)
 
+    cni = sub.add_parser("cni", help="the chained CNI plugin kmesh-cni in the node's conflist")
+    cni_sub = cni.add_subparsers(metavar="ACTION")
+    cni_install = _config_arg(cni_sub.add_parser(
+        "install", help="add kmesh-cni at the end of the conflist's plugins (cni.conflist, "
+        "else the first *.conflist in cni.conf_dir) and write <cni.bin_dir>/kmesh-cni"))
+    cni_install.set_defaults(func=cmd_cni_install)
+    cni_uninstall = _config_arg(cni_sub.add_parser(
+        "uninstall", help="remove kmesh-cni from the conflist and <cni.bin_dir>/kmesh-cni"))
+    cni_uninstall.set_defaults(func=cmd_cni_uninstall)
+
     uninstall = _config_arg(sub.add_parser(
         "uninstall", help="detach the programs and remove every pin, compiled object and "
         "status file of this installation"))
@@ -163,6 +174,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cni_parts(cfg: config_mod.Config, plugins: Plugins) -> dict[str, Any]:
+    """In enrolment mode cni: follow kmesh-cni's records, and guard the conflist entry when
+    cni.install says the agent owns it."""
+    if cfg.enrolment != "cni":
+        return {}
+    from kmesh_plugin.agent.pods import PodWatch
+    from kmesh_plugin.cni import conflist
+
+    parts: dict[str, Any] = {}
+    if cfg.cni_install:
+        parts["housekeeping"] = lambda: conflist.ensure_installed(cfg)
+    parts["pods"] = PodWatch(cfg.cni_state_dir, plugins)
+    return parts
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kmesh_plugin.agent.agent import Agent
     from kmesh_plugin.agent.metrics import AgentMetrics
@@ -217,6 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         datapath=datapath,
         cgroup=cfg.cgroup,
         status=StatusFile(cfg.status_file),
+        **_cni_parts(cfg, plugins),
     )
 
     def _stop(signum: int, _frame: object) -> None:
@@ -246,10 +273,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from kmesh_plugin.ops.status import dump, render_dump
+    from kmesh_plugin.ops.status import dump, enrolled_pods, render_dump
 
-    view = dump(_load_config(args.config))
-    print(json.dumps(view.to_json(), indent=1) if args.output == "json" else render_dump(view))
+    cfg = _load_config(args.config)
+    view = dump(cfg)
+    pods = enrolled_pods(cfg, view)
+    if args.output == "json":
+        print(json.dumps({**view.to_json(), "enrolled": pods}, indent=1))
+    else:
+        print(render_dump(view, pods))
     return 0
 
 
@@ -309,9 +341,37 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 def _uninstall_cni(cfg: config_mod.Config) -> list[str]:
     """The chained CNI plugin's entry in the node's conflist goes first (no new pod enrols
-    once uninstall has begun). Nothing installs one yet: the CNI entry point that adds it
-    removes it here."""
-    return []
+    once uninstall has begun), then its launcher: a runtime reads the conflist again for every
+    pod, so none execs kmesh-cni once the entry is gone. A conflist that mentions kmesh-cni but
+    cannot be parsed stops uninstall here, before anything is removed."""
+    from kmesh_plugin.cni import conflist
+
+    return conflist.remove_installed(cfg)
+
+
+def cmd_cni_install(args: argparse.Namespace) -> int:
+    """Prints which conflist was chosen and why, then one line per file: what was done.
+    Warnings (a runtime loads another file first) go to stderr; they do not fail."""
+    from kmesh_plugin.cni import conflist
+
+    report = conflist.install(_load_config(args.config))
+    for line in report.lines:
+        print(line)
+    for warning in report.warnings:
+        print(f"kmesh-plugin: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_cni_uninstall(args: argparse.Namespace) -> int:
+    from kmesh_plugin.cni import conflist
+
+    cfg = _load_config(args.config)
+    where = cfg.cni_conf_dir / (cfg.cni_conflist or "*.conflist")
+    for line in conflist.remove_installed(cfg) or [
+            f"nothing to uninstall: no kmesh-cni entry in {where}, no "
+            f"{conflist.launcher_path(cfg)} of ours"]:
+        print(line)
+    return 0
 
 
 def _uninstall_datapath(cfg: config_mod.Config) -> list[str]:

@@ -135,6 +135,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "enrolment": Key(str, "all", _enrolment),
     },
     "cni": {
+        "install": Key(bool, False),
         "conf_dir": Key(str, "/etc/cni/net.d", _absolute),
         "conflist": Key(str, "", _file_name),
         "bin_dir": Key(str, "/opt/cni/bin", _absolute),
@@ -200,6 +201,7 @@ class Config:
     cni_bin_dir: Path = Path("/opt/cni/bin")
     cni_state_dir: Path = Path("/run/kmesh-plugin/cni")
     cni_log_file: Path | None = None
+    cni_install: bool = False
 
 
 def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
@@ -343,6 +345,7 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         cni_bin_dir=Path(v["cni"]["bin_dir"]),
         cni_state_dir=Path(v["cni"]["state_dir"]),
         cni_log_file=Path(v["cni"]["log_file"]) if v["cni"]["log_file"] else None,
+        cni_install=v["cni"]["install"],
     )
 
 

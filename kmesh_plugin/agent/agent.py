@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 from kmesh_plugin import gcpause
 from kmesh_plugin.agent.metrics import AgentMetrics
 from kmesh_plugin.agent.planner import GroupPlan, Planner
+from kmesh_plugin.agent.pods import PodWatch
 from kmesh_plugin.agent.state import ClusterState, Impact, ServiceKey
 from kmesh_plugin.agent.status import StatusFile
 from kmesh_plugin.datapath.loader import PROGRAMS, Datapath
@@ -54,6 +56,7 @@ from kmesh_plugin.sources.base import Batch, Source
 
 log = logging.getLogger(__name__)
 
+HOUSEKEEPING = 2.0  # seconds between housekeeping calls while idle (the conflist guard)
 HEARTBEAT = 10.0  # seconds between status rewrites while idle (status shows a hung agent)
 RETRY_MIN = 0.5  # seconds before the first retry of a failed publish
 RETRY_MAX = 30.0
@@ -122,7 +125,12 @@ class Agent:
         cgroup: os.PathLike[str] | str,
         status: StatusFile | None = None,
         writer: MapWriter | None = None,
+        pods: PodWatch | None = None,
+        housekeeping: Callable[[], str | None] | None = None,
     ) -> None:
+        """``pods``: follow kmesh-cni's records (enrolment mode cni) and fire the pod hooks.
+        ``housekeeping``: called every HOUSEKEEPING s while idle (the CNI conflist guard); a
+        line it returns is logged."""
         self.node_name = node_name
         self.state = state
         self.plugins = plugins
@@ -158,6 +166,11 @@ class Agent:
         self._np_status: dict[str, Any] | None = None  # its status summary, while unchanged
         self.started_at = time.time()
         self._status_written = 0.0
+        self.pods = pods
+        if pods is not None:
+            pods.node = self.node_info
+        self.housekeeping = housekeeping
+        self._housekept = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -170,6 +183,8 @@ class Agent:
         self.plugins.notify("kmesh_agent_started", node=self.node_info(), datapath=info)
         log.info("agent started", extra={"node": self.node_name, "adopted_groups": adopted})
         self.source.start()
+        if self.pods is not None:
+            self.pods.poll()
         self._write_status()
         try:
             while not self.stop_event.is_set():
@@ -185,6 +200,14 @@ class Agent:
                 if self.writer.slots_retired():
                     with self.lock:
                         self.writer.collect()
+                if self.pods is not None:
+                    self.pods.poll()
+                if self.housekeeping is not None and \
+                        time.monotonic() - self._housekept > HOUSEKEEPING:
+                    self._housekept = time.monotonic()
+                    done = self.housekeeping()
+                    if done:
+                        log.warning("%s", done)
                 if time.time() - self._status_written > HEARTBEAT:
                     self._write_status()
         finally:
@@ -560,6 +583,7 @@ class Agent:
                 "groups": len(self.writer.published),
                 "slots": self.writer.slots_in_use(),
                 "slots_retired": self.writer.slots_retired(),
+                "pods": self.pods.status() if self.pods is not None else None,
                 "capacity": {
                     "max_services": self.datapath.capacities.max_services,
                     "max_endpoints": self.datapath.capacities.max_endpoints,

@@ -45,10 +45,14 @@ class DatapathView:
     entries: dict[str, int]  # map name -> entries in use
     capacity: dict[str, int]  # map name -> max_entries
     links: list[LinkView] = field(default_factory=list)
+    enrolment: str = "all"  # records.ENROL_NAMES of kmesh_config: which sockets are ours
+    enrolled: list[int] = field(default_factory=list)  # netns cookies in kmesh_enrolled
 
     def to_json(self) -> dict[str, Any]:
         return {
             "pin_dir": str(self.pin_dir),
+            "enrolment": self.enrolment,
+            "enrolled_netns_cookies": self.enrolled,
             "links": [vars(link) for link in self.links],
             "maps": {
                 name: {"entries": self.entries[name], "capacity": self.capacity[name]}
@@ -91,6 +95,8 @@ def read(dp: Datapath) -> DatapathView:
         entries=entries,
         capacity=capacity,
         links=read_links(dp.pins.root),
+        enrolment=records.ENROL_NAMES.get(dp.enrolment(), f"unknown ({dp.enrolment()})"),
+        enrolled=dp.enrolled(),
     )
 
 

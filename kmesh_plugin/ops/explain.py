@@ -62,6 +62,8 @@ class Explanation:
     other_claims: list[str]
     groups: list[GroupExplanation] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    enrolment: str | None = None  # which sockets the node's datapath takes (None: not read)
+    enrolled_pods: int = 0  # network namespaces enrolled, in mode cni
 
     def to_json(self) -> dict[str, Any]:
         out = dict(vars(self))
@@ -141,6 +143,7 @@ def explain(
                 view = inspect.read(dp)
             finally:
                 dp.close()
+            expl.enrolment, expl.enrolled_pods = view.enrolment, len(view.enrolled)
     for group in plan.groups:
         expl.groups.append(_group(group, view, kernel_note))
     for g in expl.groups:
@@ -231,6 +234,11 @@ def render(e: Explanation) -> str:
         lines.append(f"  routing preference: {pref}; mode {e.mode}; ranked by {e.ranked_by}")
     for other in e.other_claims:
         lines.append(f"  also claimed (lower priority): {other}")
+    if e.enrolment == "cni":
+        lines.append(f"  enrolment cni: only connects from the {e.enrolled_pods} pod network "
+                     "namespaces kmesh-cni enrolled are balanced; other sockets pass untouched")
+    elif e.enrolment == "all":
+        lines.append("  enrolment all: every connect from the attached cgroup is balanced")
     for g in e.groups:
         lines.append("")
         lines.append(f"Frontend {g.frontend} (port {g.port_name or '-'}, IPv{g.family})")

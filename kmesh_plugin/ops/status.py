@@ -24,7 +24,42 @@ def dump(cfg: Config) -> inspect.DatapathView:
         dp.close()
 
 
-def render_dump(view: inspect.DatapathView) -> str:
+def enrolled_pods(cfg: Config, view: inspect.DatapathView) -> list[dict[str, Any]]:
+    """The enrolled netns cookies with the pods kmesh-cni recorded for them; a cookie without a
+    record (or a record whose cookie the map lacks) is shown as such, not hidden."""
+    from kmesh_plugin.cni import spool
+
+    by_cookie: dict[int, list[spool.PodRecord]] = {}
+    for rec in spool.read_records(cfg.cni_state_dir, lambda path, reason: None):
+        by_cookie.setdefault(rec.netns_cookie, []).append(rec)
+    out = []
+    for cookie in sorted(set(view.enrolled) | set(by_cookie)):
+        recs = by_cookie.get(cookie, [])
+        out.append({
+            "netns_cookie": cookie,
+            "in_map": cookie in view.enrolled,
+            "pods": [{"namespace": r.pod_namespace, "name": r.pod_name,
+                      "container_id": r.container_id, "ifname": r.ifname, "netns": r.netns,
+                      "ips": list(r.ips)} for r in recs],
+        })
+    return out
+
+
+def render_pods(enrolment: str, pods: list[dict[str, Any]], indent: str = "") -> list[str]:
+    if enrolment == "all":
+        return [f"{indent}enrolment all: every socket in the attached cgroup and below it"]
+    lines = [f"{indent}enrolment cni: only pods kmesh-cni enrolled ({len(pods)} netns); every "
+             "other socket passes untouched"]
+    for p in pods:
+        who = ", ".join(f"{q['namespace'] or '-'}/{q['name'] or '-'} ({q['container_id'][:12]}"
+                        f" {q['ifname']}, {' '.join(q['ips']) or 'no IP'})" for q in p["pods"])
+        note = "" if p["in_map"] else "  NOT IN kmesh_enrolled"
+        lines.append(f"{indent}  netns cookie {p['netns_cookie']}: {who or 'no CNI record'}"
+                     f"{note}")
+    return lines
+
+
+def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
     lines = [f"datapath pinned at {view.pin_dir}"]
     for link in view.links:
         if link.error:
@@ -50,8 +85,7 @@ def render_dump(view: inspect.DatapathView) -> str:
             lines.append(f"    counters tier {tier}: {c['connects']} connects, "
                          f"{c['refused']} refused")
     lines.append(f"ClusterIPs ({len(view.vips)}): {', '.join(map(str, view.vips)) or '-'}")
-    lines.append("enrolled: every process in the attached cgroup and below it (per-pod "
-                 "enrolment comes with the CNI entry point)")
+    lines += render_pods(view.enrolment, pods)
     return "\n".join(lines)
 
 
@@ -72,6 +106,8 @@ def status(cfg: Config) -> dict[str, Any]:
         out["datapath"] = {
             "attached": all(link.error is None for link in view.links),
             "pin_dir": str(view.pin_dir),
+            "enrolment": view.enrolment,
+            "enrolled": enrolled_pods(cfg, view),
             "links": [vars(link) for link in view.links],
             "maps": {
                 name: {
@@ -195,6 +231,7 @@ def render_status(s: dict[str, Any]) -> str:
         lines.append(f"datapath: NOT ATTACHED ({dp['problem']})")
     else:
         lines.append(f"datapath: {'attached' if dp['attached'] else 'DETACHED'} ({dp['pin_dir']})")
+        lines += render_pods(dp["enrolment"], dp["enrolled"], "  ")
         for link in dp["links"]:
             if link["error"]:
                 lines.append(f"  {link['name']}: {link['error']}")
