@@ -28,20 +28,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         sp.add_argument("--source", choices=("kubernetes", "manifests"), default="kubernetes",
                         help="how the agents read the cluster: watching the lab's API server "
                         "(default), or a manifest directory the lab mirrors from it")
+        sp.add_argument("--enrolment", choices=("cni", "all"), default="cni",
+                        help="which sockets the agents take: the pods kmesh-cni enrolled in the "
+                        "lab's CNI chain (default), or every process in the node's cgroup")
 
 
 def cmd_lab_seed(args: argparse.Namespace) -> int:
     from kmesh_lab.scenario import run_seed
 
     return run_seed(local=args.local, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json, source=args.source)
+                    json_path=args.json, source=args.source,
+                    enrolment=args.enrolment)
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
     from kmesh_lab.scenario import run_file
 
     return run_file(args.scenario, keep_going=args.keep_going, verbose=args.verbose,
-                    json_path=args.json, source=args.source)
+                    json_path=args.json, source=args.source,
+                    enrolment=args.enrolment)
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:

@@ -9,6 +9,19 @@
 * Each **pod** is a network namespace wired by the real CNI bridge + host-local plugins into a
   fabric namespace, with its processes in a cgroup below its node's: the node's connect hook
   translates exactly that node's pods.
+* **Enrolment** (``enrolment="cni"``, the default): each node's plugin.toml says
+  ``[datapath] enrolment = "cni"`` and names a conf dir, bin dir and ``[cni] state_dir`` of its
+  own below the lab's state dir. The lab writes the node's primary CNI config there (bridge +
+  host-local, the node's address slice), and once the node's agent has attached its datapath
+  it runs ``kmesh-plugin cni install`` for the node, which chains kmesh-cni (with that node's
+  pinDir and stateDir) at the end and writes its launcher into the node's bin dir. The kubelet
+  then runs, per pod and as containerd's CRI does, go-cni's loopback network on ``lo`` and the
+  node's conflist on ``eth0``, with CNI_ARGS ``IgnoreUnknown=1;K8S_POD_NAMESPACE=..;
+  K8S_POD_NAME=..;K8S_POD_INFRA_CONTAINER_ID=..;K8S_POD_UID=..`` and CNI_PATH ``<node bin
+  dir>:/usr/lib/cni``: pods are enrolled only through the chain, before their first process
+  starts. :meth:`Lab.add_unenrolled_pod` wires a pod by the bridge config alone (no
+  kmesh-cni), which the datapath must leave untouched. ``enrolment="all"`` is the former lab:
+  no kmesh-cni, every socket in the node's cgroup is translated.
 * The lab plays the **Deployment controller** (Pods for a Deployment's replicas, garbage
   collection of orphans), the **scheduler** (nodeSelector, least loaded), the **kubelet** (starts
   the pod's processes, reports its IPs and readiness in the Pod's status, and on deletion
@@ -27,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -49,7 +63,8 @@ from kmesh_lab.kube import LabError, RunningPod
 from kmesh_lab.kubeclient import ApiStatusError, KubeClient
 from kmesh_plugin import config as config_mod
 from kmesh_plugin.config import Config
-from kmesh_plugin.datapath import loader
+from kmesh_plugin.datapath import loader, records
+from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.mounts import BPFFS_DEFAULT, cgroup2_root, ensure_bpffs
 from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.ops.explain import Explanation, explain
@@ -63,8 +78,14 @@ WORKLOADS = [sys.executable, "-m", "kmesh_lab.workloads"]
 AGENT = [sys.executable, "-m", "kmesh_plugin.cli", "run", "--config"]
 CONVERGE_TIMEOUT = 30.0
 START_TIMEOUT = 30.0
+KMESH_PLUGIN = [sys.executable, "-m", "kmesh_plugin.cli"]
 DEFAULT_BUILD_DIR = Path("/var/cache/kmesh-plugin")
 SOURCES = ("kubernetes", "manifests")
+ENROLMENTS = ("cni", "all")
+# The primary CNI's config in each node's conf dir; kmesh-plugin cni install chains onto it.
+CONFLIST_NAME = "10-kmesh-lab.conflist"
+KMESH_CNI = "kmesh-cni"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # The kinds the agents read, in the order a manifest mirror writes them.
 AGENT_KINDS = ("Node", "Namespace", "Service", "EndpointSlice")
 # Bookmarks keep an agent's resourceVersion current for collections whose changes its label
@@ -87,6 +108,7 @@ class Lab:
         log_level: str = "info",
         printer: Printer | None = None,
         source: str = "kubernetes",
+        enrolment: str = "cni",
     ) -> None:
         if not nodes:
             raise LabError("a lab needs at least one node")
@@ -94,12 +116,16 @@ class Lab:
             raise LabError("the lab gives each node a /24 of 198.18.0.0/16: at most 200 nodes")
         if source not in SOURCES:
             raise LabError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        if enrolment not in ENROLMENTS:
+            raise LabError(f"enrolment must be one of {', '.join(ENROLMENTS)}, got "
+                           f"{enrolment!r}")
         self.id = secrets.token_hex(2)
         self.name = f"{PREFIX}{self.id}"  # 14 bytes: also the bridge name (<= 15)
         self.state = STATE_ROOT / self.id
         self.manifests = self.state / "manifests"
         self.kubeconfig = self.state / "kubeconfig"
         self.source = source
+        self.enrolment = enrolment
         self.initial_nodes: dict[str, dict[str, str]] = {}
         for node, labels in nodes.items():
             clean = {str(k): str(v) for k, v in (labels or {}).items() if v is not None}
@@ -123,6 +149,7 @@ class Lab:
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.stopped_agents: set[str] = set()
         self.pods: dict[tuple[str, str], RunningPod] = {}  # the kubelets' running pods
+        self.unenrolled: dict[str, RunningPod] = {}  # pods outside the chain, by name
         self.cluster_ips = kube.ClusterIPs()
         self._mirror_revision = 0
         self._pod_seq = 0
@@ -164,6 +191,7 @@ class Lab:
         procs.make_cgroup(str(self.cgroup))
         for node in self.initial_nodes:
             procs.make_cgroup(str(self.cgroup / node))
+            self._write_primary_cni(node)
         self.fabric.create()
         self.api.start()
         self.api.write_kubeconfig(self.kubeconfig)
@@ -177,8 +205,13 @@ class Lab:
         for node in self.initial_nodes:
             self._start_agent(node)
         self.converge()
+        if self.enrolment == "cni":
+            # Only now: every agent has attached its datapath in cni mode (kmesh_config
+            # written), so a pod the chain enrols is translated from its first connect.
+            for node in self.initial_nodes:
+                self._install_cni(node)
         self.print(f"lab {self.id}: nodes {', '.join(self.initial_nodes)} up ({self.source} "
-                   "source), agents converged")
+                   f"source, {self.enrolment} enrolment), agents converged")
 
     def close(self) -> None:
         """Remove everything; keep going on errors and report them at the end."""
@@ -200,6 +233,7 @@ class Lab:
             "api": self.api.url if self.kube is not None else None,
             "kubeconfig": str(self.kubeconfig),
             "source": self.source,
+            "enrolment": self.enrolment,
         }
 
     def _record(self) -> None:
@@ -221,6 +255,14 @@ class Lab:
             f"pin_dir = {json.dumps(str(self.pin_root / node))}",
             f"build_dir = {json.dumps(str(self.build_dir))}",
             "max_services = 1024", "max_endpoints = 8192",
+            f"enrolment = {json.dumps(self.enrolment)}",
+            # The node's own CNI dirs: nothing of the lab touches /etc/cni or /opt/cni.
+            "[cni]",
+            f"conf_dir = {json.dumps(str(self.cni_conf_dir(node)))}",
+            f"conflist = {json.dumps(CONFLIST_NAME)}",
+            f"bin_dir = {json.dumps(str(self.cni_bin_dir(node)))}",
+            f"state_dir = {json.dumps(str(self.cni_state_dir(node)))}",
+            f"log_file = {json.dumps(str(self.cni_log_path(node)))}",
             "[strategies]",
             *(f"{k} = {json.dumps(v)}" for k, v in strategies.items()),
             "[source]", *source,
@@ -235,6 +277,66 @@ class Lab:
 
     def status_path(self, node: str) -> Path:
         return self.state / "status" / f"{node}.json"
+
+    def node_dir(self, node: str) -> Path:
+        return self.state / "nodes" / node
+
+    def cni_conf_dir(self, node: str) -> Path:
+        return self.node_dir(node) / "net.d"
+
+    def cni_bin_dir(self, node: str) -> Path:
+        return self.node_dir(node) / "bin"
+
+    def cni_state_dir(self, node: str) -> Path:
+        return self.node_dir(node) / "cni"
+
+    def cni_log_path(self, node: str) -> Path:
+        return self.state / "logs" / f"{node}.cni.log"
+
+    def conflist_path(self, node: str) -> Path:
+        return self.cni_conf_dir(node) / CONFLIST_NAME
+
+    def cni_path(self, node: str) -> str:
+        """CNI_PATH for the node's pods: its own bin dir (kmesh-cni), then Debian's plugins."""
+        return os.pathsep.join([str(self.cni_bin_dir(node)), cni.DEFAULT_CNI_PATH])
+
+    def _node_ranges(self, node: str) -> tuple[cni.IpRange, cni.IpRange]:
+        index = list(self.initial_nodes).index(node) + 1
+        return ((f"198.18.{index}.10", f"198.18.{index}.250"),
+                (f"2001:2::{index:x}:10", f"2001:2::{index:x}:ffff"))
+
+    def primary_cni_config(self, node: str) -> dict[str, Any]:
+        """The node's cluster network as its primary CNI would configure it: bridge +
+        host-local with the node's address slice, no kmesh-cni."""
+        v4, v6 = self._node_ranges(node)
+        return self.fabric.network_config(v4, v6)
+
+    def _write_primary_cni(self, node: str) -> None:
+        for path in (self.cni_conf_dir(node), self.cni_bin_dir(node), self.cni_state_dir(node)):
+            path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.conflist_path(node),
+                      json.dumps(self.primary_cni_config(node), indent=2) + "\n")
+
+    def _install_cni(self, node: str) -> None:
+        """`kmesh-plugin cni install` for the node, as its DaemonSet would once the agent is
+        up; then check the chain is what the contract says and kmesh-cni can be found."""
+        argv = [*KMESH_PLUGIN, "cni", "install", "--config", str(self.state / f"{node}.toml")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        output = (done.stdout + done.stderr).strip()
+        if done.returncode != 0:
+            raise LabError(f"kmesh-plugin cni install for node {node} failed "
+                           f"(exit {done.returncode}): {output}")
+        plugins = cni.load_conflist(self.conflist_path(node))["plugins"]
+        want = {"type": KMESH_CNI, "pinDir": str(self.pin_root / node),
+                "stateDir": str(self.cni_state_dir(node))}
+        last = plugins[-1]
+        if [p["type"] for p in plugins] != ["bridge", KMESH_CNI] or any(
+                last.get(k) != v for k, v in want.items()):
+            raise LabError(f"after kmesh-plugin cni install, {self.conflist_path(node)} has "
+                           f"plugins {json.dumps(plugins)}; expected bridge, then {want}")
+        cni.find_plugin(KMESH_CNI, self.cni_path(node))  # in the node's bin dir, executable
+        self.print(f"  node {node}: {output.splitlines()[-1] if output else 'cni installed'}")
 
     def log_path(self, node: str) -> Path:
         return self.state / "logs" / f"{node}.log"
@@ -655,42 +757,48 @@ class Lab:
 
     # -- pods -------------------------------------------------------------------------------
 
-    def _start_pod(self, obj: dict[str, Any], node: str) -> RunningPod:
-        spec = kube.pod_spec_of(obj)
+    def _sandbox(self, spec: kube.PodSpec, node: str, uid: str, *,
+                 enrol: bool) -> RunningPod:
+        """A pod's network namespace wired as the node's runtime does (see the module doc);
+        ``enrol``: the node's conflist (with kmesh-cni in cni mode), else the primary CNI's
+        config alone. Returns the pod, with its addresses, netns cookie and cgroup."""
         self._pod_seq += 1
         ns_name = f"{self.name}-p{self._pod_seq}"
-        container_id = f"{self.name}-p{self._pod_seq}"
-        node_index = list(self.initial_nodes).index(node) + 1
-        netns.add(ns_name)
+        container_id = f"{self.name}-p{self._pod_seq}"  # the sandbox id
+        netns.add(ns_name, lo_up=False)  # the loopback plugin brings lo up
         pod = RunningPod(spec, node, ip="", extra={"netns": ns_name, "cid": container_id,
-                                                    "procs": [], "uid": obj["metadata"]["uid"]})
-        self.pods[(spec.namespace, spec.name)] = pod
+                                                    "procs": [], "uid": uid,
+                                                    "enrolled": False})
+        if enrol and self.enrolment == "cni":
+            # Enrolment precedes the pod's first connect only if the datapath is attached in
+            # cni mode when the chain runs: refuse to start the pod otherwise.
+            mode = self.enrolment_mode(node)
+            if mode != "cni":
+                raise LabError(f"node {node}'s datapath is in {mode} mode, not cni: "
+                               f"pod {spec.namespace}/{spec.name} cannot be enrolled")
+            config = cni.load_conflist(self.conflist_path(node))  # read per ADD, as runtimes do
+        else:
+            config = self.primary_cni_config(node)
         address = self.fabric.add_pod(
-            ns_name, container_id,
-            ip_range=(f"198.18.{node_index}.10", f"198.18.{node_index}.250"),
-            ipv6_range=(f"2001:2::{node_index:x}:10", f"2001:2::{node_index:x}:ffff"),
+            ns_name, container_id, config=config, loopback=True, cni_path=self.cni_path(node),
+            cni_args=cni.k8s_args(spec.namespace, spec.name, container_id, uid),
         )
         pod.ip, pod.ipv6 = address.ipv4, address.ipv6
-        pod_cgroup = self.cgroup / node / spec.name
-        procs.make_cgroup(str(pod_cgroup))
-        pod.extra["cgroup"] = str(pod_cgroup)
-        for c in spec.containers:
-            if c.kind == "helloworld":
-                port = int(c.ports[0]["containerPort"]) if c.ports else 5000
-                argv = [*WORKLOADS, "helloworld", "--port", str(port),
-                        "--version", c.env.get("SERVICE_VERSION", "v1"), "--instance", spec.name]
-                stdin = subprocess.DEVNULL
-            else:
-                argv = [*WORKLOADS, "client", "--hosts", str(self.state / "hosts"),
-                        "--search", kube.search_domains(spec.namespace)]
-                stdin = subprocess.PIPE
-            proc = procs.spawn(argv, netns=netns.path(ns_name), cgroup=str(pod_cgroup),
-                               stdin=stdin)
-            reader = procs.LineReader(proc.stdout)  # type: ignore[arg-type]
-            pod.extra["procs"].append((c, proc, reader))
-        for _c, _proc, reader in pod.extra["procs"]:
-            reader.expect("ready", START_TIMEOUT)  # kubelet's readiness probe
-        pod.ready = True
+        pod.extra["cookie"] = cookie = cni.netns_cookie(ns_name)
+        if self.enrolment == "cni":
+            enrolled = cookie in self.enrolled_cookies(node)
+            if enrolled != enrol:
+                raise LabError(f"pod {spec.namespace}/{spec.name} on {node}: its netns cookie "
+                               f"{cookie} is {'not ' if enrol else ''}in kmesh_enrolled after "
+                               f"CNI ADD{' through kmesh-cni' if enrol else ' without it'}")
+            pod.extra["enrolled"] = enrolled
+        return pod
+
+    def _start_pod(self, obj: dict[str, Any], node: str) -> RunningPod:
+        spec = kube.pod_spec_of(obj)
+        pod = self._sandbox(spec, node, obj["metadata"]["uid"], enrol=True)
+        self.pods[(spec.namespace, spec.name)] = pod
+        self._start_containers(pod, self.cgroup / node / spec.name)
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         ips = [{"ip": pod.ip}] + ([{"ip": pod.ipv6}] if pod.ipv6 else [])
         conditions = [{"type": t, "status": "True", "lastTransitionTime": now}
@@ -704,18 +812,94 @@ class Lab:
                  "state": {"running": {"startedAt": now}}}
                 for c in (obj.get("spec") or {}).get("containers") or []],
         }}, subresource="status")
+        enrolled = " (enrolled)" if pod.extra["enrolled"] else ""
         self.print(f"  pod {spec.namespace}/{spec.name} running on {node} at {pod.ip}, "
-                   f"{pod.ipv6}")
+                   f"{pod.ipv6}{enrolled}")
         return pod
+
+    def _start_containers(self, pod: RunningPod, pod_cgroup: Path) -> None:
+        """The pod's processes, in its netns and in a cgroup below its node's; returns once
+        each reported ready (the kubelet's readiness probe)."""
+        spec = pod.spec
+        procs.make_cgroup(str(pod_cgroup))
+        pod.extra["cgroup"] = str(pod_cgroup)
+        for c in spec.containers:
+            if c.kind == "helloworld":
+                port = int(c.ports[0]["containerPort"]) if c.ports else 5000
+                argv = [*WORKLOADS, "helloworld", "--port", str(port),
+                        "--version", c.env.get("SERVICE_VERSION", "v1"), "--instance", spec.name]
+                stdin = subprocess.DEVNULL
+            else:
+                argv = [*WORKLOADS, "client", "--hosts", str(self.state / "hosts"),
+                        "--search", kube.search_domains(spec.namespace)]
+                stdin = subprocess.PIPE
+            proc = procs.spawn(argv, netns=netns.path(pod.extra["netns"]),
+                               cgroup=str(pod_cgroup), stdin=stdin)
+            reader = procs.LineReader(proc.stdout)  # type: ignore[arg-type]
+            pod.extra["procs"].append((c, proc, reader))
+        for _c, _proc, reader in pod.extra["procs"]:
+            reader.expect("ready", START_TIMEOUT)  # kubelet's readiness probe
+        pod.ready = True
 
     def _stop_pod(self, pod: RunningPod) -> None:
         for _c, proc, _reader in pod.extra.get("procs", []):
             procs.stop(proc)
-        with contextlib.suppress(Exception):
+        try:
             self.fabric.del_pod(pod.extra["netns"], pod.extra["cid"])
+        except Exception as e:  # the namespace still goes; say what the chain left behind
+            print(f"lab {self.id}: CNI DEL of pod {pod.spec.namespace}/{pod.spec.name} on "
+                  f"{pod.node}: {e}", file=sys.stderr)
         netns.delete(pod.extra["netns"])
         if "cgroup" in pod.extra:
             procs.remove_cgroup_tree(pod.extra["cgroup"])
+
+    def add_unenrolled_pod(self, node: str, name: str = "outsider",
+                           namespace: str = "default") -> RunningPod:
+        """A curl pod on ``node`` that the node's runtime wired with the primary CNI's config
+        alone (loopback, bridge + host-local; no kmesh-cni), as a second runtime or a network
+        that does not chain kmesh-cni would. Its processes run in the node's cgroup subtree
+        like any pod's; it is no API object (no controller knows it). Use it with
+        :meth:`call`; :meth:`remove_unenrolled_pod` or the lab's end removes it.
+        ``namespace`` only sets its DNS search list (and its K8S_POD_NAMESPACE)."""
+        if node not in self.initial_nodes:
+            raise LabError(f'node "{node}" not found (nodes: {", ".join(self.initial_nodes)})')
+        if name in self.unenrolled or not _DNS_LABEL.match(name):
+            raise LabError(f"an unenrolled pod needs a new DNS label as its name, not {name!r}")
+        spec = kube.PodSpec(namespace=namespace, name=name, owner=None, labels={}, node_selector={},
+                            containers=[kube.Container("client", "curl", {}, [])])
+        pod = self._sandbox(spec, node, f"unenrolled-{secrets.token_hex(8)}", enrol=False)
+        self.unenrolled[name] = pod
+        # "_" cannot begin a Pod name: this cgroup never meets a Pod's.
+        self._start_containers(pod, self.cgroup / node / f"_unenrolled-{name}")
+        self.print(f"  unenrolled pod {name} running on {node} at {pod.ip}, {pod.ipv6}")
+        return pod
+
+    def remove_unenrolled_pod(self, name: str) -> None:
+        """Stop an unenrolled pod and DEL its network (the same config it was added with)."""
+        pod = self.unenrolled.pop(name, None)
+        if pod is None:
+            raise LabError(f"no unenrolled pod {name!r}")
+        self._stop_pod(pod)
+
+    def enrolment_mode(self, node: str) -> str:
+        """"all" or "cni", as the node's datapath has it now (its kmesh_config map)."""
+        dp = Datapath.open(self.pin_root / node)
+        try:
+            return records.ENROL_NAMES.get(dp.enrolment(), f"unknown ({dp.enrolment()})")
+        finally:
+            dp.close()
+
+    def enrolled_cookies(self, node: str) -> set[int]:
+        """The netns cookies in the node's kmesh_enrolled map."""
+        dp = Datapath.open(self.pin_root / node)
+        try:
+            return set(dp.enrolled())
+        finally:
+            dp.close()
+
+    def pods_on(self, node: str) -> list[RunningPod]:
+        """The kubelet's running pods on ``node`` (not the unenrolled ones)."""
+        return [p for p in self.pods.values() if p.node == node]
 
     # -- traffic ----------------------------------------------------------------------------
 

@@ -398,12 +398,13 @@ def check(expect: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 def execute(scenario: Scenario, *, keep_going: bool = False, verbose: bool = False,
             out: Callable[[str], None] = print, json_path: Path | None = None,
-            source: str = "kubernetes") -> int:
+            source: str = "kubernetes", enrolment: str = "cni") -> int:
     """Run a scenario in a fresh lab; the exit code of `kmesh-plugin lab run`. ``source``:
-    how the agents read the cluster, "kubernetes" (the API server) or "manifests"."""
+    how the agents read the cluster, "kubernetes" (the API server) or "manifests".
+    ``enrolment``: "cni" (pods enrolled by the kmesh-cni chain) or "all" (every socket)."""
     runner = Runner(scenario, out)
     try:
-        return _execute(scenario, runner, keep_going, verbose, out, source)
+        return _execute(scenario, runner, keep_going, verbose, out, source, enrolment)
     finally:
         if json_path is not None:
             write_json(json_path, scenario, runner)
@@ -425,13 +426,14 @@ def write_json(path: Path, scenario: Scenario, runner: Runner) -> None:
 
 
 def _execute(scenario: Scenario, runner: Runner, keep_going: bool, verbose: bool,
-             out: Callable[[str], None], source: str) -> int:
+             out: Callable[[str], None], source: str, enrolment: str) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     lab = None
     try:
         lab = Lab(scenario.nodes, strategies=scenario.strategies,
                   plugin_paths=scenario.plugin_paths, printer=out if verbose else None,
-                  log_level="debug" if verbose else "info", source=source)
+                  log_level="debug" if verbose else "info", source=source,
+                  enrolment=enrolment)
         with lab:
             runner.run(lab, keep_going)
     except Unmet:
@@ -455,7 +457,8 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False,
-             json_path: Path | None = None, source: str = "kubernetes") -> int:
+             json_path: Path | None = None, source: str = "kubernetes",
+             enrolment: str = "cni") -> int:
     try:
         scenario = load(path)
     except ScenarioError as e:
@@ -464,7 +467,7 @@ def run_file(path: Path, *, keep_going: bool = False, verbose: bool = False,
     # With --json -, the JSON owns stdout and the running commentary goes to stderr.
     out = _to_stdout if str(json_path) != "-" else _to_stderr
     return execute(scenario, keep_going=keep_going, verbose=verbose, out=out,
-                   json_path=json_path, source=source)
+                   json_path=json_path, source=source, enrolment=enrolment)
 
 
 def _to_stdout(line: str) -> None:
@@ -482,6 +485,7 @@ def seed_path(local: bool = False) -> Path:
 
 
 def run_seed(*, local: bool = False, keep_going: bool = False, verbose: bool = False,
-             json_path: Path | None = None, source: str = "kubernetes") -> int:
+             json_path: Path | None = None, source: str = "kubernetes",
+             enrolment: str = "cni") -> int:
     return run_file(seed_path(local), keep_going=keep_going, verbose=verbose,
-                    json_path=json_path, source=source)
+                    json_path=json_path, source=source, enrolment=enrolment)

@@ -116,8 +116,11 @@ def _make_server(
     return Server((bind, port), handler)
 
 
-class _Terminate(Exception):
-    """Raised from the SIGTERM handler to leave ``serve_forever`` in the main thread."""
+class _Terminate(BaseException):
+    """Raised from the SIGTERM handler to leave ``serve_forever`` in the main thread.
+
+    A BaseException: the signal can land while the server handles a request, inside
+    socketserver's ``except Exception`` (which would print it and keep serving)."""
 
 
 def _raise_terminate(signum: int, frame: object) -> None:
