@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kmesh_lab.bench import control, datapath, report
+from kmesh_lab.bench import cni, control, datapath, report
 from kmesh_lab.bench.topology import BenchNet, build_loadgen
 from kmesh_plugin.datapath.build import Capacities
 
@@ -32,12 +32,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sync", default="10000x10,1000x100", help="full-sync shapes SxE")
     p.add_argument("--changes", type=int, default=200, help="single-change samples")
     p.add_argument("--relabel", default="10000x10", help="relabel shape SxE")
-    p.add_argument("--skip", default="", help="comma list: datapath,control")
+    p.add_argument("--skip", default="", help="comma list: datapath,control,cni")
+    p.add_argument("--only", default="", help="comma list: run only these suites")
+    p.add_argument("--cni-pods", type=int, default=200, help="pods of the CNI benchmark")
     p.add_argument("--build-dir", type=Path, default=Path("/var/cache/kmesh-plugin"))
     args = p.parse_args(argv)
     if args.quick:
         args.ns, args.rounds, args.window = "1,100", 1, 0.3
         args.sync, args.changes, args.relabel = "200x5", 20, "200x5"
+        args.cni_pods = min(args.cni_pods, 20)
     return args
 
 
@@ -50,19 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ns = [int(x) for x in args.ns.split(",") if x]
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    if only:
+        skip |= {"datapath", "control", "cni"} - only
     results: dict[str, Any] = {
         "command": "python -m kmesh_lab.bench " + shlex.join(argv or sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": report.machine(),
         "settings": {"ns": ns, "rounds": args.rounds, "window": args.window},
     }
-    loadgen = build_loadgen(args.build_dir)
-    caps = Capacities(max_services=max(1024, 2 * max(ns)), max_endpoints=max(8192, 4 * max(ns)))
-    with BenchNet(loadgen, args.build_dir, caps) as net:
-        if "datapath" not in skip:
-            results["datapath"] = run_datapath(net, args, ns)
-        if "control" not in skip:
-            results["control"] = run_control(net, args)
+    if {"datapath", "control"} - skip:
+        loadgen = build_loadgen(args.build_dir)
+        caps = Capacities(max_services=max(1024, 2 * max(ns)),
+                          max_endpoints=max(8192, 4 * max(ns)))
+        with BenchNet(loadgen, args.build_dir, caps) as net:
+            if "datapath" not in skip:
+                results["datapath"] = run_datapath(net, args, ns)
+            if "control" not in skip:
+                results["control"] = run_control(net, args)
+    if "cni" not in skip:
+        results["cni"] = cni.run(args.cni_pods)
     results["targets"] = report.evaluate(results)
     report.save(results, args.out)
     print()
