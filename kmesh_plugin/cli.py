@@ -329,7 +329,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     done: list[str] = []
     try:
         for step in (_uninstall_cni, _uninstall_datapath, _uninstall_objects,
-                     _uninstall_status):
+                     _uninstall_cni_state, _uninstall_status):
             done += step(cfg)
     finally:
         if lock is not None:
@@ -384,6 +384,33 @@ def _uninstall_objects(cfg: config_mod.Config) -> list[str]:
     from kmesh_plugin.datapath import build
 
     return build.remove_objects(cfg.build_dir)
+
+
+def _uninstall_cni_state(cfg: config_mod.Config) -> list[str]:
+    """kmesh-cni's pod records (their cookies went with the maps), its lock file, and the
+    directories if nothing else is in them. Only names kmesh-cni writes are removed."""
+    from kmesh_plugin.cni import spool
+
+    state = cfg.cni_state_dir
+    pods = Path(spool.pods_dir(state))
+    done = []
+    if pods.is_dir():
+        for path in sorted(pods.iterdir()):
+            if path.suffix == spool.SUFFIX or ".tmp." in path.name:
+                path.unlink()
+                done.append(f"removed {path}")
+    lock = state / spool.LOCK
+    if lock.is_file():
+        lock.unlink()
+        done.append(f"removed {lock}")
+    for directory in (pods, state):
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # absent, or not empty: the rest is not ours
+        else:
+            done.append(f"removed {directory}")
+    return done
 
 
 def _uninstall_status(cfg: config_mod.Config) -> list[str]:

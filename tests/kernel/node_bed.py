@@ -33,15 +33,16 @@ START_TIMEOUT = 20.0
 
 def write_config(
     path: Path, *, pin_dir: Path, cgroup: Path, build_dir: Path, manifests: Path,
-    status_file: Path,
+    status_file: Path, datapath: tuple[str, ...] = (), extra: tuple[str, ...] = (),
 ) -> Path:
+    """``datapath``: more [datapath] keys; ``extra``: more sections, e.g. [cni]."""
     path.write_text("\n".join([
         "[node]", f'name = "{NODE}"',
         "[datapath]", f'cgroup = "{cgroup}"', f'pin_dir = "{pin_dir}"',
-        f'build_dir = "{build_dir}"', "max_services = 64", "max_endpoints = 1024",
+        f'build_dir = "{build_dir}"', "max_services = 64", "max_endpoints = 1024", *datapath,
         "[source]", f'path = "{manifests}"',
         "[agent]", f'status_file = "{status_file}"', "metrics = false",
-        'log_format = "json"', 'log_level = "info"',
+        'log_format = "json"', 'log_level = "info"', *extra,
     ]) + "\n")
     return path
 

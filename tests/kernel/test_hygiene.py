@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import warnings
@@ -570,6 +571,60 @@ def test_uninstall_leaves_the_node_as_it_found_it(
             assert proc.returncode == 0, proc.stderr
             assert node_state(node, cgroup, build, status_file) == found
         assert "nothing" in proc.stdout
+    finally:
+        loader.remove(node)
+
+
+CONFLIST = (b'{\n  "cniVersion": "1.0.0",\n  "name": "podnet",\n  "plugins": [\n'
+            b'    {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}\n'
+            b'  ]\n}\n')
+
+
+def test_uninstall_in_cni_mode_also_restores_the_conflist_and_removes_pod_records(
+    pin_dir: Path, cgroup: Path, build_dir: Path, tmp_path: Path
+) -> None:
+    from kmesh_plugin.cni import spool
+
+    node = pin_dir / "node"
+    conf_dir, bin_dir, state = tmp_path / "net.d", tmp_path / "bin", tmp_path / "run" / "cni"
+    conf_dir.mkdir()
+    bin_dir.mkdir()
+    conflist = conf_dir / "10-podnet.conflist"
+    conflist.write_bytes(CONFLIST)
+    conflist.chmod(0o640)
+    manifests = tmp_path / "manifests"
+    write_service(manifests, "198.19.0.10", 80, [("198.18.0.1", 8080)], "1")
+    config = write_config(
+        tmp_path / "plugin.toml", pin_dir=node, cgroup=cgroup, build_dir=build_dir,
+        manifests=manifests, status_file=tmp_path / "run" / "status.json",
+        datapath=('enrolment = "cni"',),
+        extra=("[cni]", "install = true", f'conf_dir = "{conf_dir}"', f'bin_dir = "{bin_dir}"',
+               f'state_dir = "{state}"'))
+    try:
+        with agents() as started:
+            agent = start_agent(config)
+            started.append(agent)
+            # The agent owns the entry (cni.install): it adds it at start.
+            agent.wait_for(lambda line: "kmesh-cni" in str(line.get("msg")), timeout=120)
+            assert b'"type": "kmesh-cni"' in conflist.read_bytes()
+            assert (bin_dir / "kmesh-cni").is_file()
+            # Another component rewrites the conflist without it: the agent puts it back.
+            conflist.write_bytes(CONFLIST)
+            # (It logs what it did; the file is checked at each log line, as it comes.)
+            agent.wait_for(lambda line: b"kmesh-cni" in conflist.read_bytes(), timeout=60)
+            assert b'"type": "kmesh-cni"' in conflist.read_bytes()
+            # A pod kmesh-cni set up (its record; its cookie lives in the maps).
+            spool.write_record(state, spool.PodRecord("c1", "eth0", "/var/run/netns/x", 7,
+                                                      "t", "pod", "", ("198.18.0.9",)))
+            agent.proc.send_signal(signal.SIGTERM)
+            assert agent.proc.wait(30) == 0
+        proc = subprocess.run([*CLI, "uninstall", "-c", str(config)], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert conflist.read_bytes() == CONFLIST
+        assert stat.S_IMODE(conflist.stat().st_mode) == 0o640
+        assert list(bin_dir.iterdir()) == []
+        assert not state.exists() and not node.exists()
     finally:
         loader.remove(node)
 
