@@ -174,18 +174,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cni_parts(cfg: config_mod.Config, plugins: Plugins) -> dict[str, Any]:
-    """In enrolment mode cni: follow kmesh-cni's records, and guard the conflist entry when
-    cni.install says the agent owns it."""
+def _cni_parts(cfg: config_mod.Config, plugins: Plugins, datapath: Any,
+               state: Any) -> dict[str, Any]:
+    """In enrolment mode cni: follow kmesh-cni's records (and enrol by Namespace labels when
+    cni.namespace_selector is set), and guard the conflist entry when cni.install says the
+    agent owns it."""
     if cfg.enrolment != "cni":
         return {}
     from kmesh_plugin.agent.pods import PodWatch
     from kmesh_plugin.cni import conflist
+    from kmesh_plugin.datapath import records
+    from kmesh_plugin.model.selector import parse
 
     parts: dict[str, Any] = {}
     if cfg.cni_install:
         parts["housekeeping"] = lambda: conflist.ensure_installed(cfg)
-    parts["pods"] = PodWatch(cfg.cni_state_dir, plugins)
+    if cfg.cni_namespace_selector:
+        def labels(namespace: str) -> dict[str, str]:
+            ns = state.namespaces.get(namespace)
+            return dict(ns.labels) if ns is not None else {}
+
+        parts["pods"] = PodWatch(cfg.cni_state_dir, plugins,
+                                 selector=parse(cfg.cni_namespace_selector),
+                                 enrolled=datapath[records.MAP_ENROLLED],
+                                 namespace_labels=labels)
+    else:
+        parts["pods"] = PodWatch(cfg.cni_state_dir, plugins)
     return parts
 
 
@@ -234,16 +248,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics.close()
         lock.release()
         raise
+    state = ClusterState(cfg.locality, cfg.node_name)
     agent = Agent(
         node_name=cfg.node_name,
-        state=ClusterState(cfg.locality, cfg.node_name),
+        state=state,
         plugins=plugins,
         settings=StrategySettings(cfg.prefer_close_scopes),
         source=source,
         datapath=datapath,
         cgroup=cfg.cgroup,
         status=StatusFile(cfg.status_file),
-        **_cni_parts(cfg, plugins),
+        **_cni_parts(cfg, plugins, datapath, state),
     )
 
     def _stop(signum: int, _frame: object) -> None:

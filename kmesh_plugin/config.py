@@ -110,6 +110,16 @@ def _enrolment(v: str) -> str | None:
     return None if v in ENROLMENT_MODES else 'must be "all" or "cni"'
 
 
+def _selector(v: str) -> str | None:
+    from kmesh_plugin.model.selector import parse
+
+    try:
+        parse(v)
+    except ValueError as e:
+        return f"not a label selector: {e}"
+    return None
+
+
 def _file_name(v: str) -> str | None:
     return None if v == "" or ("/" not in v and v not in (".", "..")) else (
         "must be a file name in cni.conf_dir, not a path")
@@ -141,6 +151,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "bin_dir": Key(str, "/opt/cni/bin", _absolute),
         "state_dir": Key(str, "/run/kmesh-plugin/cni", _absolute),
         "log_file": Key(str, "", _absolute),
+        "namespace_selector": Key(str, "", _selector),
     },
     "locality": {
         "network_label": Key(str, "topology.istio.io/network"),
@@ -202,6 +213,7 @@ class Config:
     cni_state_dir: Path = Path("/run/kmesh-plugin/cni")
     cni_log_file: Path | None = None
     cni_install: bool = False
+    cni_namespace_selector: str = ""
 
 
 def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
@@ -346,6 +358,7 @@ def _resolve(path: Path, v: dict[str, dict[str, Any]]) -> Config:
         cni_state_dir=Path(v["cni"]["state_dir"]),
         cni_log_file=Path(v["cni"]["log_file"]) if v["cni"]["log_file"] else None,
         cni_install=v["cni"]["install"],
+        cni_namespace_selector=v["cni"]["namespace_selector"],
     )
 
 

@@ -1,27 +1,38 @@
 """The pods kmesh-cni set up on this node, followed from its state directory.
 
-kmesh-cni enrols a pod in the kernel itself, during the runtime's CNI ADD (so the pod's first
-connect is already ours), and leaves one record per attachment in <cni.state_dir>/pods. The
-agent only follows: :meth:`PodWatch.poll` rereads the directory when its mtime changes (every
-record is renamed into place or unlinked, which always bumps it) and fires
-``kmesh_pod_enrolled`` / ``kmesh_pod_removed`` for what came and went. Nothing here writes a
-map: a hook that fails is logged and never undoes an enrolment.
+kmesh-cni leaves one record per attachment in <cni.state_dir>/pods. :meth:`PodWatch.poll`
+rereads the directory when its mtime changes (every record is renamed into place or
+unlinked, which always bumps it) and fires ``kmesh_pod_enrolled`` / ``kmesh_pod_removed``
+for the pods that became ours and those that stopped being ours.
+
+Who enrols. With no ``cni.namespace_selector`` kmesh-cni enrols every pod itself, during the
+runtime's ADD, so its first connect is already ours; the agent only follows. With a selector,
+ADD only records the pod and the agent, the one core writer of maps, makes kmesh_enrolled hold
+exactly the cookies of the recorded pods whose Namespace labels match: checked on every poll,
+so a pod is enrolled within one poll of its ADD or of its Namespace's labels changing, and
+un-enrolled when they stop matching. That runs under kmesh-cni's state lock, so a DEL is never
+interleaved with it. A hook that fails is logged and never undoes an enrolment.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from kmesh_plugin.cni import spool
+from kmesh_plugin.datapath import records, syscall
+from kmesh_plugin.errors import KmeshError
+from kmesh_plugin.model.selector import Selector
 from kmesh_plugin.model.views import NodeInfo, PodInfo
 from kmesh_plugin.plugins import Plugins
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (containerId, ifname): what CNI names an attachment by
+LOCK_TIMEOUT = 0.05  # s: a poll that finds kmesh-cni holding the lock tries again next time
+NO_FLAGS = records.ENROLMENT.pack({"flags": 0, "pad": 0})
 
 
 def pod_info(rec: spool.PodRecord) -> PodInfo:
@@ -31,34 +42,88 @@ def pod_info(rec: spool.PodRecord) -> PodInfo:
 
 class PodWatch:
     def __init__(self, state_dir: Path, plugins: Plugins,
-                 node: Callable[[], NodeInfo] | None = None) -> None:
-        """``node``: this node as the hooks see it (the agent sets it to its own view)."""
+                 node: Callable[[], NodeInfo] | None = None, *,
+                 selector: Selector | None = None,
+                 enrolled: syscall.Map | None = None,
+                 namespace_labels: Callable[[str], Mapping[str, str]] | None = None) -> None:
+        """``node``: this node as the hooks see it (the agent sets it to its own view).
+        ``selector``, ``enrolled`` (the kmesh_enrolled map) and ``namespace_labels``: the
+        agent enrols by Namespace labels (see the module docstring)."""
+        if selector is not None and (enrolled is None or namespace_labels is None):
+            raise ValueError("a namespace selector needs the enrolled map and the labels")
         self.state_dir = state_dir
         self.plugins = plugins
         self.node = node
-        self.pods: dict[Key, spool.PodRecord] = {}
+        self.selector = selector
+        self.enrolled = enrolled
+        self.namespace_labels = namespace_labels
+        self.recorded: dict[Key, spool.PodRecord] = {}  # every record in the directory
+        self.pods: dict[Key, spool.PodRecord] = {}  # those that are ours
         self._seen: tuple[int, int] | None = None  # (inode, mtime_ns) of the pods directory
+        self._read_once = False
         self._bad: set[str] = set()  # malformed files already reported
+        self._written: set[int] | None = None  # cookies in kmesh_enrolled (selector mode)
+        self._failing = ""  # the last map or lock error, logged once
 
     def poll(self) -> int:
         """Fire the hooks for what changed since the last call; returns how many fired."""
+        changed = self._reread()
+        if self.selector is None:
+            if not changed:
+                return 0
+            return self._settle(dict(self.recorded))
+        return self._enrol_by_selector()
+
+    def _reread(self) -> bool:
         try:
             st = os.stat(spool.pods_dir(self.state_dir))
             seen: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
         except OSError:
             seen = None  # no pod yet (or the directory went: every pod is gone)
-        if seen == self._seen:
-            return 0
-        self._seen = seen
-        now = {rec.key: rec for rec in spool.read_records(self.state_dir, self._report_bad)}
+        if seen == self._seen and self._read_once:
+            return False
+        self._seen, self._read_once = seen, True
+        self.recorded = {rec.key: rec
+                         for rec in spool.read_records(self.state_dir, self._report_bad)}
+        return True
+
+    def _settle(self, ours: dict[Key, spool.PodRecord]) -> int:
         fired = 0
-        for key in self.pods.keys() - now.keys():
+        for key in self.pods.keys() - ours.keys():
             fired += self._fire("kmesh_pod_removed", self.pods.pop(key))
-        for key, rec in now.items():
+        for key, rec in ours.items():
             if self.pods.get(key) != rec:
                 self.pods[key] = rec
                 fired += self._fire("kmesh_pod_enrolled", rec)
         return fired
+
+    def _enrol_by_selector(self) -> int:
+        assert self.selector is not None and self.enrolled is not None
+        assert self.namespace_labels is not None
+        try:
+            with spool.StateLock(self.state_dir, LOCK_TIMEOUT):
+                self._reread()  # under the lock: no ADD or DEL half-way
+                ours = {key: rec for key, rec in self.recorded.items()
+                        if self.selector.matches(self.namespace_labels(rec.pod_namespace))}
+                want = {rec.netns_cookie for rec in ours.values()}
+                if self._written is None:
+                    self._written = {records.U64.unpack(k)[0] for k in self.enrolled.keys()}
+                for cookie in sorted(want - self._written):
+                    self.enrolled.update(records.U64.pack(cookie), NO_FLAGS)
+                    self._written.add(cookie)
+                for cookie in sorted(self._written - want):
+                    self.enrolled.delete(records.U64.pack(cookie))
+                    self._written.discard(cookie)
+        except (OSError, KmeshError) as e:  # BpfError, LockTimeout, a state dir problem
+            if str(e) != self._failing:
+                self._failing = str(e)
+                log.warning("cannot enrol pods by namespace selector yet: %s", e,
+                            extra={"selector": self.selector.text})
+            return 0
+        if self._failing:
+            self._failing = ""
+            log.info("pods are enrolled by namespace selector again")
+        return self._settle(ours)
 
     def _fire(self, hook: str, rec: spool.PodRecord) -> int:
         pod = pod_info(rec)
@@ -77,4 +142,7 @@ class PodWatch:
                                                                      "reason": reason})
 
     def status(self) -> dict[str, object]:
-        return {"state_dir": str(self.state_dir), "pods": len(self.pods)}
+        return {"state_dir": str(self.state_dir), "pods": len(self.pods),
+                "recorded": len(self.recorded),
+                "namespace_selector": self.selector.text if self.selector else None,
+                "problem": self._failing or None}

@@ -76,6 +76,8 @@ def entry(cfg: Config) -> dict[str, str]:
     e = {"type": PLUGIN_TYPE, "pinDir": str(cfg.pin_dir), "stateDir": str(cfg.cni_state_dir)}
     if cfg.cni_log_file is not None:
         e["logFile"] = str(cfg.cni_log_file)
+    if cfg.cni_namespace_selector:
+        e["enrol"] = "agent"  # the agent enrols by Namespace labels; ADD only records
     return e
 
 

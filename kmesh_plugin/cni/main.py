@@ -205,6 +205,11 @@ def cmd_add(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log) 
         ips=tuple(protocol.result_ips(prev, _is_ip)), cni_version=version,
         enrolled_at=time.time(),
     )
+    if _by_agent(conf):
+        with _StateErrors("state"), spool.StateLock(state_dir):
+            spool.write_record(state_dir, rec)  # the agent enrols it, or not, from this
+        log.info(f"recorded netns {env.netns} cookie {cookie} for the agent to enrol")
+        return protocol.convert_result(prev, version)
     with enrol.EnrolledMap(pin_dir) as enrolled, _StateErrors("state"), \
             spool.StateLock(state_dir):
         old = _read_record(state_dir, env, log)
@@ -271,7 +276,7 @@ def cmd_check(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log
         raise CniError(protocol.E_NOT_ENROLLED, "attachment not enrolled",
                        f"no state record for {env.container_id}/{env.ifname}")
     with enrol.EnrolledMap(pin_dir) as enrolled:
-        if not enrolled.contains(rec.netns_cookie):
+        if not _by_agent(conf) and not enrolled.contains(rec.netns_cookie):
             raise CniError(protocol.E_NOT_ENROLLED, "netns cookie missing from kmesh_enrolled",
                            f"cookie {rec.netns_cookie} of {env.container_id}/{env.ifname}")
     try:
@@ -357,6 +362,16 @@ COMMANDS = {"ADD": cmd_add, "CHECK": cmd_check, "DEL": cmd_del, "GC": cmd_gc,
 
 def _dirs(conf: Mapping[str, Any]) -> tuple[str, str]:
     return protocol.required_path(conf, "pinDir"), protocol.required_path(conf, "stateDir")
+
+
+def _by_agent(conf: Mapping[str, Any]) -> bool:
+    """``"enrol": "agent"`` (cni.namespace_selector is set): ADD only records the pod, and the
+    agent enrols it if its Namespace matches. Absent or "cni": ADD enrols it."""
+    mode = conf.get("enrol", "cni")
+    if mode not in ("cni", "agent"):
+        raise CniError(protocol.E_INVALID_CONFIG, "invalid network config",
+                       f'"enrol" must be "cni" or "agent", got {str(mode)[:64]!r}')
+    return mode == "agent"
 
 
 def _pod_cookie(netns: str) -> int:

@@ -54,6 +54,7 @@ class Node:
 class Namespace:
     name: str
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,8 @@ def parse(obj: Any, where: str = "") -> KubeObject:
             case "Node":
                 return Node(key.name, p.str_map("metadata.labels"))
             case "Namespace":
-                return Namespace(key.name, p.str_map("metadata.annotations"))
+                return Namespace(key.name, p.str_map("metadata.annotations"),
+                                 p.str_map("metadata.labels"))
             case "Service":
                 return _service(p, key)
             case "EndpointSlice":

@@ -74,17 +74,19 @@ class Node:
         self.procs.append(proc)
         return path, Client(proc)
 
-    def cni(self, command: str, netns: str, cid: str) -> subprocess.CompletedProcess[bytes]:
+    def cni(self, command: str, netns: str, cid: str, namespace: str = "default",
+            **extra: str) -> subprocess.CompletedProcess[bytes]:
         prev = {"cniVersion": "1.0.0",
                 "interfaces": [{"name": "eth0", "sandbox": netns}],
                 "ips": [{"address": "198.18.0.20/24", "interface": 0}]}
         conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "kmesh-cni",
                 "pinDir": str(self.pin_dir), "stateDir": str(self.state_dir),
-                "prevResult": prev}
+                "prevResult": prev, **extra}
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("CNI_")},
                "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
                "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-               "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid};K8S_POD_UID=u-{cid}"}
+               "CNI_ARGS": f"K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={cid};"
+                           f"K8S_POD_UID=u-{cid}"}
         p = subprocess.run([KMESH_CNI], input=json.dumps(conf).encode(), env=env,
                            capture_output=True, timeout=60)
         assert p.returncode == 0, (p.stdout, p.stderr)
@@ -184,3 +186,43 @@ def test_enrolled_map_agrees_with_syscall_map(node: Node) -> None:
         assert theirs.delete(records.U64.pack(11))
         assert ours.cookies() == []
     assert node.dp is not None and node.dp.enrolled() == []
+
+
+def test_with_a_namespace_selector_the_agent_enrols_by_namespace_labels(node: Node) -> None:
+    from kmesh_plugin.agent.pods import PodWatch
+    from kmesh_plugin.model.selector import parse
+    from kmesh_plugin.plugins import Plugins
+
+    assert node.dp is not None
+    pod_a, client_a = node.pod()
+    pod_b, client_b = node.pod()
+    # `enrol: agent` (what `cni install` writes when cni.namespace_selector is set): ADD only
+    # records the pod.
+    node.cni("ADD", pod_a, "ca", namespace="mesh", enrol="agent")
+    node.cni("ADD", pod_b, "cb", namespace="plain", enrol="agent")
+    assert node.dp.enrolled() == []
+    assert {r.pod_namespace for r in spool.read_records(node.state_dir)} == {"mesh", "plain"}
+    labels: dict[str, dict[str, str]] = {"mesh": {}, "plain": {}}
+    watch = PodWatch(node.state_dir, Plugins(), selector=parse("istio.io/dataplane-mode=kmesh"),
+                     enrolled=node.dp[records.MAP_ENROLLED],
+                     namespace_labels=lambda ns: labels.get(ns, {}))
+    watch.poll()
+    assert node.dp.enrolled() == [] and peers(client_a) == ["ENETUNREACH"] * 3
+    # The Namespace gets the label: its pod is enrolled at the next poll, the other is not.
+    labels["mesh"] = {"istio.io/dataplane-mode": "kmesh"}
+    watch.poll()
+    assert node.dp.enrolled() == [cookie_via_nsenter(pod_a)]
+    assert peers(client_a) == [f"{EP}:5353"] * 3
+    assert peers(client_b) == ["ENETUNREACH"] * 3
+    assert set(watch.pods) == {("ca", "eth0")}
+    # The label goes: un-enrolled. DEL of a recorded, unenrolled pod succeeds.
+    labels["mesh"] = {}
+    watch.poll()
+    assert node.dp.enrolled() == [] and peers(client_a) == ["ENETUNREACH"] * 3
+    labels["mesh"] = {"istio.io/dataplane-mode": "kmesh"}
+    watch.poll()
+    node.cni("DEL", pod_a, "ca", namespace="mesh", enrol="agent")
+    node.cni("DEL", pod_b, "cb", namespace="plain", enrol="agent")
+    assert node.dp.enrolled() == [] and spool.read_records(node.state_dir) == []
+    watch.poll()
+    assert watch.pods == {} and node.dp.enrolled() == []

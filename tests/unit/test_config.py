@@ -263,6 +263,13 @@ def _rejected(path: Path, key: str | None, *overrides: tuple[str, Any]) -> Confi
          "at most 16777216"),
         ("[datapath]\nmax_endpoints = 4294967296\n", "datapath.max_endpoints",
          "at most 16777216"),
+        ("[datapath]\nenrolment = 'pods'\n", "datapath.enrolment", '"all" or "cni"'),
+        ("[cni]\nnamespace_selector = 'env in (a)'\n", "cni.namespace_selector",
+         "set-based"),
+        ("[cni]\nnamespace_selector = '-x=1'\n", "cni.namespace_selector", "label key"),
+        ("[cni]\nconflist = 'a/b.conflist'\n", "cni.conflist", "file name"),
+        ("[cni]\nconf_dir = 'net.d'\n", "cni.conf_dir", "absolute"),
+        ("[cni]\ninstall = 'yes'\n", "cni.install", "true or false"),
     ],
 )
 def test_bad_values(tmp_path: Path, manifests: Path, text: str, key: str, fragment: str) -> None:

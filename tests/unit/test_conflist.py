@@ -827,3 +827,11 @@ def test_ensure_installed_follows_a_new_first_conflist(cfg: Config) -> None:
     (d / "05-c.conf").write_text("{}")
     line = ensure_installed(cfg)
     assert line is not None and line.startswith(f"container runtimes load {d / '05-c.conf'}")
+
+
+def test_a_namespace_selector_makes_the_agent_the_enroller(cfg: Config) -> None:
+    import dataclasses
+
+    assert "enrol" not in conflist.entry(cfg)
+    selected = dataclasses.replace(cfg, cni_namespace_selector="istio.io/dataplane-mode=kmesh")
+    assert conflist.entry(selected)["enrol"] == "agent"
