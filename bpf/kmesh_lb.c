@@ -12,6 +12,7 @@
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
+#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 
 #include "kmesh_lb.h"
@@ -91,14 +92,20 @@ struct {
 	__type(value, struct kmesh_enrolment);
 } kmesh_enrolled SEC(".maps");
 
-/* Is this socket ours (SPEC.md section 9)? One array lookup in mode ALL (the verifier inlines
- * it), and a hash lookup of the netns cookie in mode CNI. */
+/* Is this socket ours (SPEC.md section 9)? Only TCP and UDP: the core programs no other
+ * protocol (SCTP ports are skipped with a warning), and without this a kernel with SCTP would
+ * see an SCTP connect to a ClusterIP we serve on other ports refused by the ClusterIP guard
+ * instead of reaching whatever handles SCTP. Then one array lookup in mode ALL (the verifier
+ * inlines it), and a hash lookup of the netns cookie in mode CNI. */
 static __always_inline int kmesh_ours(struct bpf_sock_addr *ctx)
 {
 	__u32 zero = 0;
-	struct kmesh_config *config = bpf_map_lookup_elem(&kmesh_config, &zero);
+	struct kmesh_config *config;
 	__u64 cookie;
 
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 0;
+	config = bpf_map_lookup_elem(&kmesh_config, &zero);
 	if (!config || config->enrolment != KMESH_ENROL_CNI)
 		return 1;
 	cookie = bpf_get_netns_cookie(ctx);

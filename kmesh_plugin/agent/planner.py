@@ -66,6 +66,9 @@ class GroupPlan:
     other_claims: list[Claim] = field(default_factory=list)
 
 
+LOAD_BALANCED = ("TCP", "UDP")  # Service port protocols the datapath takes
+
+
 @dataclass
 class ServicePlan:
     groups: list[GroupPlan]
@@ -108,9 +111,14 @@ class Planner:
         strategy = winner.strategy if winner else NO_STRATEGY
         client = self.client(state)
         groups = []
+        # SCTP is not ours (SPEC.md is silent; README "Which Service gets which strategy"):
+        # its ports are left to whatever the cluster runs, and the program passes SCTP
+        # sockets untouched. No test kernel here has SCTP to prove a translation with.
+        ports = [p for p in service.ports if p.protocol in LOAD_BALANCED]
+        skipped = [p for p in service.ports if p.protocol not in LOAD_BALANCED]
         for cluster_ip in service.cluster_ips:
             ip = parse_ip(cluster_ip)
-            for port in service.ports:
+            for port in ports:
                 pairs = _endpoints(state, service, port, ip.version)
                 endpoints = [e for e, _ in pairs]
                 ranked, ranked_by = self._rank(strategy, client, service, endpoints)
@@ -130,8 +138,14 @@ class Planner:
                         other_claims=claims[1:],
                     )
                 )
+        warnings = [winner.warning] if winner and winner.warning else []
+        if skipped:
+            names = ", ".join(f"{p.name or p.port}/{p.protocol}" for p in skipped)
+            warnings.append(f"Service {key[0]}/{key[1]}: port(s) {names} not load-balanced: "
+                            "kmesh-plugin balances TCP and UDP only; these connects pass "
+                            "untouched")
         return ServicePlan(groups, strategy, winner.plugin if winner else "",
-                           winner.warning if winner else None)
+                           "; ".join(warnings) or None)
 
     def _rank(
         self, strategy: Strategy, client: NodeInfo, service: Service, endpoints: list[EndpointInfo]

@@ -563,6 +563,22 @@ def test_unnamed_port(planner: Planner) -> None:
     assert group.backends.tiers == ((b(EP1, 8080),),)
 
 
+def test_sctp_ports_are_skipped_with_a_warning(planner: Planner) -> None:
+    state = cluster(
+        *seed_nodes(),
+        service(ports=[{"name": "http", "port": 80, "targetPort": 8080},
+                       {"name": "sig", "port": 3868, "protocol": "SCTP"}]),
+        endpoint_slice("s", [ep(EP1, "worker1")],
+                       ports=[{"name": "http", "port": 8080},
+                              {"name": "sig", "port": 3868, "protocol": "SCTP"}]),
+    )
+    plan = planner.plan_service(state, SVC)
+    group = only_group(plan)
+    assert group.frontend.port == 80
+    assert plan is not None and plan.warning is not None
+    assert "sig/SCTP" in plan.warning and "TCP and UDP only" in plan.warning
+
+
 def test_same_address_in_two_slices_counts_once(planner: Planner) -> None:
     state = cluster(
         *seed_nodes(),
