@@ -190,9 +190,11 @@ def _cni_parts(cfg: config_mod.Config, plugins: Plugins, datapath: Any,
     if cfg.cni_install:
         parts["housekeeping"] = lambda: conflist.ensure_installed(cfg)
     if cfg.cni_namespace_selector:
-        def labels(namespace: str) -> dict[str, str]:
+        def labels(namespace: str) -> dict[str, str] | None:
             ns = state.namespaces.get(namespace)
-            return dict(ns.labels) if ns is not None else {}
+            if ns is not None:
+                return dict(ns.labels)
+            return {} if namespace == "" else None  # a pod without a namespace (podman)
 
         parts["pods"] = PodWatch(cfg.cni_state_dir, plugins,
                                  selector=parse(cfg.cni_namespace_selector),
@@ -409,14 +411,21 @@ def _uninstall_cni_state(cfg: config_mod.Config) -> list[str]:
     state = cfg.cni_state_dir
     pods = Path(spool.pods_dir(state))
     done = []
-    if pods.is_dir():
-        for path in sorted(pods.iterdir()):
-            if path.suffix == spool.SUFFIX or ".tmp." in path.name:
-                path.unlink()
-                done.append(f"removed {path}")
+    if not state.is_dir():
+        return done
+    try:
+        # Under kmesh-cni's lock: a DEL still running finishes first, or starts after.
+        with spool.StateLock(state):
+            if pods.is_dir():
+                for path in sorted(pods.iterdir()):
+                    if path.suffix == spool.SUFFIX or ".tmp." in path.name:
+                        path.unlink(missing_ok=True)
+                        done.append(f"removed {path}")
+    except OSError as e:
+        raise KmeshError(f"cannot remove kmesh-cni's state in {state}: {e}") from None
     lock = state / spool.LOCK
-    if lock.is_file():
-        lock.unlink()
+    if lock.is_file():  # the conflist entry is gone: no new kmesh-cni takes it
+        lock.unlink(missing_ok=True)
         done.append(f"removed {lock}")
     for directory in (pods, state):
         try:

@@ -169,6 +169,8 @@ class Agent:
         self.pods = pods
         if pods is not None:
             pods.node = self.node_info
+            if pods.selector is not None and pods.ready is None:
+                pods.ready = lambda: self.synced
         self.housekeeping = housekeeping
         self._housekept = 0.0
 
@@ -191,6 +193,8 @@ class Agent:
                 batch = self.source.next_batch(timeout=0.2)
                 if batch is not None:
                     self.handle(batch)
+                    if self.pods is not None:  # a busy source must not hold enrolment back
+                        self.pods.poll()
                     continue
                 # Idle: retry what failed or waits for room that a publish freed, delete the
                 # old sets whose grace period is over, and keep the status fresh so `status`

@@ -45,10 +45,13 @@ class PodWatch:
                  node: Callable[[], NodeInfo] | None = None, *,
                  selector: Selector | None = None,
                  enrolled: syscall.Map | None = None,
-                 namespace_labels: Callable[[str], Mapping[str, str]] | None = None) -> None:
+                 namespace_labels: Callable[[str], Mapping[str, str] | None] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         """``node``: this node as the hooks see it (the agent sets it to its own view).
-        ``selector``, ``enrolled`` (the kmesh_enrolled map) and ``namespace_labels``: the
-        agent enrols by Namespace labels (see the module docstring)."""
+        ``selector``, ``enrolled`` (the kmesh_enrolled map) and ``namespace_labels`` (None
+        for a Namespace the agent has not seen): the agent enrols by Namespace labels (see
+        the module docstring), once ``ready()`` (the agent's first complete sync): before
+        it, every Namespace is unknown and nothing may be taken away."""
         if selector is not None and (enrolled is None or namespace_labels is None):
             raise ValueError("a namespace selector needs the enrolled map and the labels")
         self.state_dir = state_dir
@@ -57,12 +60,12 @@ class PodWatch:
         self.selector = selector
         self.enrolled = enrolled
         self.namespace_labels = namespace_labels
+        self.ready = ready
         self.recorded: dict[Key, spool.PodRecord] = {}  # every record in the directory
         self.pods: dict[Key, spool.PodRecord] = {}  # those that are ours
         self._seen: tuple[int, int] | None = None  # (inode, mtime_ns) of the pods directory
         self._read_once = False
         self._bad: set[str] = set()  # malformed files already reported
-        self._written: set[int] | None = None  # cookies in kmesh_enrolled (selector mode)
         self._failing = ""  # the last map or lock error, logged once
 
     def poll(self) -> int:
@@ -100,20 +103,27 @@ class PodWatch:
     def _enrol_by_selector(self) -> int:
         assert self.selector is not None and self.enrolled is not None
         assert self.namespace_labels is not None
+        if self.ready is not None and not self.ready():
+            return 0  # the Namespaces are not known yet: change nothing
         try:
             with spool.StateLock(self.state_dir, LOCK_TIMEOUT):
                 self._reread()  # under the lock: no ADD or DEL half-way
-                ours = {key: rec for key, rec in self.recorded.items()
-                        if self.selector.matches(self.namespace_labels(rec.pod_namespace))}
+                # Read every time, not cached: kmesh-cni's DEL and GC remove cookies too.
+                have = {records.U64.unpack(k)[0] for k in self.enrolled.keys()}
+                ours = {}
+                for key, rec in self.recorded.items():
+                    labels = self.namespace_labels(rec.pod_namespace)
+                    if labels is None:  # a Namespace not (yet) seen: keep what it has
+                        if rec.netns_cookie in have:
+                            ours[key] = rec
+                    elif self.selector.matches(labels):
+                        ours[key] = rec
                 want = {rec.netns_cookie for rec in ours.values()}
-                if self._written is None:
-                    self._written = {records.U64.unpack(k)[0] for k in self.enrolled.keys()}
-                for cookie in sorted(want - self._written):
-                    self.enrolled.update(records.U64.pack(cookie), NO_FLAGS)
-                    self._written.add(cookie)
-                for cookie in sorted(self._written - want):
+                # Deletes first: when the map is full, they make the room the adds need.
+                for cookie in sorted(have - want):
                     self.enrolled.delete(records.U64.pack(cookie))
-                    self._written.discard(cookie)
+                for cookie in sorted(want - have):
+                    self.enrolled.update(records.U64.pack(cookie), NO_FLAGS)
         except (OSError, KmeshError) as e:  # BpfError, LockTimeout, a state dir problem
             if str(e) != self._failing:
                 self._failing = str(e)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PLUGIN_TYPE = "kmesh-cni"
 LAUNCHER_NAME = "kmesh-cni"
 # The settings the contract puts in our entry; anything else in it is ignored by kmesh-cni.
-SETTINGS = ("pinDir", "stateDir", "logFile")
+SETTINGS = ("pinDir", "stateDir", "logFile", "enrol")
 # A conflist is a few KiB; the bound keeps a wrong cni.conflist (a log, an image) cheap.
 MAX_CONFLIST_BYTES = 1 << 20
 # libcni.ConfFiles: what a runtime considers in its conf dir, in sorted (byte) order.
@@ -259,7 +259,13 @@ def add_entry(text: str, desired: dict[str, Any],
     expected = [p for i, p in enumerate(doc.plugins) if i not in ours[1:]]
     done = [f"removed {len(ours) - 1} duplicate {PLUGIN_TYPE} entries"] if ours[1:] else []
     changed = [key for key in SETTINGS if doc.plugins[k].get(key) != desired.get(key)]
-    if changed:
+    if k == 0 and len(expected) > 1:
+        # First in the chain it gets no prevResult and fails every ADD: no pod would start.
+        new = _insert(parse(_remove(parse(new, where), 0), where), desired)
+        expected = [*expected[1:], desired]
+        done.insert(0, f"moved {PLUGIN_TYPE} from plugin 1 to plugin {len(expected)} of "
+                    f"{len(expected)}: it must follow the plugin whose result it passes on")
+    elif changed:
         new = _replace(parse(new, where), k, desired)
         expected[k] = desired
         done.insert(0, f"updated {PLUGIN_TYPE} (plugin {k + 1} of {len(expected)}): "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 import time
 
@@ -44,9 +45,24 @@ class Log:
                 self.write("WARN", f"ignoring logFile {path!r}: not an absolute path")
             return
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NONBLOCK: a FIFO must not hang a pod start; only a regular file that is not
+            # our stdout is used (the result JSON must be alone on stdout).
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC |
+                         os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             self.write("WARN", f"cannot open logFile {path!r}: {exc.strerror}; logging to stderr")
+            return
+        st = os.fstat(fd)
+        try:
+            out = os.fstat(1)
+            same = (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino)
+        except OSError:
+            same = False
+        if not stat.S_ISREG(st.st_mode) or same:
+            os.close(fd)
+            self.write("WARN", f"ignoring logFile {path!r}: not a regular file of its own")
+            return
+        self.fd = fd
 
     def info(self, text: str) -> None:
         if self.fd >= 0:
@@ -203,7 +219,7 @@ def cmd_add(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log) 
         pod_name=env.args.get("K8S_POD_NAME", ""),
         pod_uid=env.args.get("K8S_POD_UID", ""),
         ips=tuple(protocol.result_ips(prev, _is_ip)), cni_version=version,
-        enrolled_at=time.time(),
+        enrolled_at=time.time(), network=str(conf.get("name", "")),
     )
     if _by_agent(conf):
         with _StateErrors("state"), spool.StateLock(state_dir):
@@ -235,7 +251,8 @@ def cmd_del(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log) 
     from kmesh_plugin.cni import enrol, spool
 
     pin_dir, state_dir = _dirs(conf)
-    protocol.prev_result(conf, "DEL", required=False)  # optional, but must be well-formed
+    # prevResult is not used by DEL, and a DEL that fails stops the runtime's chain (bridge
+    # and IPAM would not be torn down): not even a malformed one is an error here.
     with _StateErrors("state"), spool.StateLock(state_dir):
         rec = _read_record(state_dir, env, log)
         cookie = rec.netns_cookie if rec is not None else None
@@ -296,19 +313,26 @@ def cmd_gc(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log) -
     pin_dir, state_dir = _dirs(conf)
     valid = _valid_attachments(conf)
     errors: list[str] = []
+    network = str(conf.get("name", ""))
     with _StateErrors("state"), spool.StateLock(state_dir):
         records, bad = spool.scan(state_dir)
-        keep = {r.netns_cookie for r in records if r.key in valid}
+        # valid-attachments lists this network's attachments only: another network that
+        # chains kmesh-cni (another runtime, a second conflist) keeps its own. A record
+        # without a network name (an older kmesh-cni's) is kept: it cannot be judged.
+        stale = [r for r in records if r.network == network and network
+                 and r.key not in valid]
+        keep = {r.netns_cookie for r in records if r not in stale}
         try:
             enrolled: enrol.EnrolledMap | None = enrol.EnrolledMap(pin_dir)
         except enrol.MapError as exc:
             enrolled = None
-            if exc.errno != errno.ENOENT:  # no datapath: no cookie to remove
+            if exc.errno != errno.ENOENT:
+                # The cookies cannot be removed: keep their records too (a cookie always has
+                # a record), and say why.
                 errors.append(str(exc.strerror))
+                stale = []
         try:
-            for rec in records:
-                if rec.key in valid:
-                    continue
+            for rec in stale:
                 try:
                     if enrolled is not None and rec.netns_cookie not in keep:
                         enrolled.remove(rec.netns_cookie)
@@ -316,15 +340,19 @@ def cmd_gc(env: protocol.Env, conf: Mapping[str, Any], version: str, log: Log) -
                     log.info(f"gc: removed {rec.container_id}/{rec.ifname}")
                 except OSError as exc:
                     errors.append(f"{rec.container_id}/{rec.ifname}: {exc.strerror or exc}")
-            # Unreadable records and a crashed writer's temporaries: nobody can use them.
-            for path in [p for p, _ in bad] + spool.stale_temporaries(state_dir):
+            # A crashed writer's temporaries: nobody can use them. Unreadable records are
+            # left alone (a newer kmesh-cni's, say) and so is every cookie while any exists:
+            # their cookies cannot be told apart from orphans.
+            for path in spool.stale_temporaries(state_dir):
                 try:
                     spool.remove_file(path)
-                    log.warn(f"gc: removed unreadable state file {path}")
+                    log.warn(f"gc: removed a stale temporary file {path}")
                 except OSError as exc:
                     errors.append(f"{path}: {exc.strerror or exc}")
-            # Cookies no kept record names (left by a crash between the two steps of ADD).
-            if enrolled is not None:
+            for path, reason in bad:
+                log.warn(f"gc: left unreadable state file {path} ({reason})")
+            # Cookies no record names (left by a crash between the two steps of ADD).
+            if enrolled is not None and not bad:
                 for cookie in enrolled.cookies():
                     if cookie not in keep:
                         try:

@@ -6,7 +6,7 @@ kmesh_pod_enrolled/kmesh_pod_removed and to show pods. The format (docs/cni-cont
 
     {"version": 1, "containerId": str, "ifname": str, "netns": str, "netnsCookie": int,
      "podNamespace": str, "podName": str, "podUid": str, "ips": [str, ...],
-     "cniVersion": str, "enrolledAt": float}
+     "cniVersion": str, "enrolledAt": float, "network": str (the conflist's name; optional)}
 
 Each file is written whole and renamed into place, so a reader sees the old record or the new
 one, never a part. Every change happens under an flock on <stateDir>/lock: kmesh-cni runs once
@@ -44,15 +44,15 @@ class PodRecord:
     """One enrolled attachment (containerId, ifname) and the pod behind it."""
 
     __slots__ = ("cni_version", "container_id", "enrolled_at", "ifname", "ips", "netns",
-                 "netns_cookie", "pod_name", "pod_namespace", "pod_uid")
+                 "netns_cookie", "network", "pod_name", "pod_namespace", "pod_uid")
 
     FIELDS = ("container_id", "ifname", "netns", "netns_cookie", "pod_namespace", "pod_name",
-              "pod_uid", "ips", "cni_version", "enrolled_at")
+              "pod_uid", "ips", "cni_version", "enrolled_at", "network")
 
     def __init__(self, container_id: str, ifname: str, netns: str, netns_cookie: int,
                  pod_namespace: str = "", pod_name: str = "", pod_uid: str = "",
                  ips: tuple[str, ...] = (), cni_version: str = "", enrolled_at: float = 0.0,
-                 ) -> None:
+                 network: str = "") -> None:
         self.container_id = container_id
         self.ifname = ifname
         self.netns = netns
@@ -63,6 +63,7 @@ class PodRecord:
         self.ips = tuple(ips)
         self.cni_version = cni_version
         self.enrolled_at = enrolled_at
+        self.network = network  # the conflist's name: GC judges only its own network's
 
     @property
     def key(self) -> tuple[str, str]:
@@ -74,7 +75,7 @@ class PodRecord:
                 "ifname": self.ifname, "netns": self.netns, "netnsCookie": self.netns_cookie,
                 "podNamespace": self.pod_namespace, "podName": self.pod_name,
                 "podUid": self.pod_uid, "ips": list(self.ips), "cniVersion": self.cni_version,
-                "enrolledAt": self.enrolled_at}
+                "enrolledAt": self.enrolled_at, "network": self.network}
 
     @classmethod
     def from_json(cls, doc: object) -> PodRecord:
@@ -99,11 +100,14 @@ class PodRecord:
         at = doc.get("enrolledAt")
         if type(at) not in (int, float):
             raise ValueError("enrolledAt must be a number")
+        network = doc.get("network", "")  # absent in records of the first kmesh-cni
+        if not isinstance(network, str):
+            raise ValueError("network must be a string")
         if not strings["containerId"] or not strings["ifname"]:
             raise ValueError("containerId and ifname must not be empty")
         return cls(strings["containerId"], strings["ifname"], strings["netns"], cookie,
                    strings["podNamespace"], strings["podName"], strings["podUid"], tuple(ips),
-                   strings["cniVersion"], float(at))
+                   strings["cniVersion"], float(at), network)
 
     def replace(self, **changes: Any) -> PodRecord:
         values = {name: getattr(self, name) for name in self.FIELDS}

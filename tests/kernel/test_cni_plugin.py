@@ -202,14 +202,26 @@ def test_with_a_namespace_selector_the_agent_enrols_by_namespace_labels(node: No
     node.cni("ADD", pod_b, "cb", namespace="plain", enrol="agent")
     assert node.dp.enrolled() == []
     assert {r.pod_namespace for r in spool.read_records(node.state_dir)} == {"mesh", "plain"}
-    labels: dict[str, dict[str, str]] = {"mesh": {}, "plain": {}}
+    labels: dict[str, dict[str, str]] = {"mesh": {"istio.io/dataplane-mode": "kmesh"}}
+    synced = [False]
     watch = PodWatch(node.state_dir, Plugins(), selector=parse("istio.io/dataplane-mode=kmesh"),
                      enrolled=node.dp[records.MAP_ENROLLED],
-                     namespace_labels=lambda ns: labels.get(ns, {}))
+                     namespace_labels=lambda ns: labels.get(ns), ready=lambda: synced[0])
+    # Before the agent's first sync nothing is added or taken away.
     watch.poll()
     assert node.dp.enrolled() == [] and peers(client_a) == ["ENETUNREACH"] * 3
-    # The Namespace gets the label: its pod is enrolled at the next poll, the other is not.
+    synced[0] = True
+    labels["mesh"] = {}
+    watch.poll()
+    assert node.dp.enrolled() == [] and peers(client_a) == ["ENETUNREACH"] * 3
+    # The Namespace gets the label: its pod is enrolled at the next poll; "plain" is unknown
+    # (no Namespace object): it keeps what it has, nothing.
     labels["mesh"] = {"istio.io/dataplane-mode": "kmesh"}
+    watch.poll()
+    assert node.dp.enrolled() == [cookie_via_nsenter(pod_a)]
+    # A cookie someone else removed (kmesh-cni's DEL of another attachment of that netns) is
+    # put back: the map is read on every poll, not remembered.
+    node.dp[records.MAP_ENROLLED].delete(records.U64.pack(cookie_via_nsenter(pod_a)))
     watch.poll()
     assert node.dp.enrolled() == [cookie_via_nsenter(pod_a)]
     assert peers(client_a) == [f"{EP}:5353"] * 3

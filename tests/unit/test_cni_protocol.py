@@ -19,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -496,7 +497,7 @@ def test_record_round_trip_and_format(tmp_path: Path) -> None:
     assert json.loads(Path(path).read_text()) == {
         "version": 1, "containerId": "c1", "ifname": "eth0", "netns": "/var/run/netns/p",
         "netnsCookie": 4096, "podNamespace": "ns", "podName": "pod", "podUid": "uid",
-        "ips": ["198.18.0.5"], "cniVersion": "1.0.0", "enrolledAt": 1.5}
+        "ips": ["198.18.0.5"], "cniVersion": "1.0.0", "enrolledAt": 1.5, "network": ""}
     assert spool.read_records(tmp_path) == [rec]
     assert spool.read_record(tmp_path, "c1", "eth0") == rec
     assert spool.remove_record(tmp_path, "c1", "eth0") is True
@@ -757,17 +758,27 @@ def test_gc_keeps_valid_attachments_only(enrolled_map: Path, tmp_path: Path,
     cookies = [cookie_via_nsenter(p) for p in netns]
     with syscall.Map.open_pinned(enrolled_map / "maps" / records.MAP_ENROLLED) as m:
         m.update(records.U64.pack(999_999_999), bytes(8))  # an orphan (ADD crashed)
-    (tmp_path / "pods" / "junk.json").write_text("{")
     (tmp_path / "pods" / ".c9@eth0.json.tmp.1").write_text("{")
     gc = json.loads(config("1.1.0", pin_dir=enrolled_map, state_dir=tmp_path, prev=None))
+    # Another network chaining kmesh-cni: its attachments are not in this list, and stay.
+    other = PodRecord("o1", "eth0", "/n/o1", 424242, network="other-net")
+    spool.write_record(tmp_path, other)
     gc["cni.dev/valid-attachments"] = [{"containerID": "c1", "ifname": "eth0"},
                                        {"containerID": "gone", "ifname": "eth0"}]
     env = {"CNI_COMMAND": "GC", "CNI_PATH": "/usr/lib/cni"}
     assert run(env, json.dumps(gc).encode()) == (0, b"")
-    assert map_cookies(enrolled_map) == {cookies[1]}
-    assert [r.container_id for r in spool.read_records(tmp_path)] == ["c1"]
-    assert sorted(os.listdir(tmp_path / "pods")) == ["c1@eth0.json"]
+    assert map_cookies(enrolled_map) == {cookies[1]}  # other's cookie was never in the map
+    assert sorted(r.container_id for r in spool.read_records(tmp_path)) == ["c1", "o1"]
+    assert sorted(os.listdir(tmp_path / "pods")) == ["c1@eth0.json", "o1@eth0.json"]
     assert run(env, json.dumps(gc).encode()) == (0, b"")  # idempotent
+    # An unreadable record (a newer kmesh-cni's, say) is left alone, and so is every cookie
+    # while it exists: its cookie cannot be told from an orphan.
+    (tmp_path / "pods" / "junk.json").write_text("{")
+    with syscall.Map.open_pinned(enrolled_map / "maps" / records.MAP_ENROLLED) as m:
+        m.update(records.U64.pack(999_999_998), bytes(8))
+    assert run(env, json.dumps(gc).encode()) == (0, b"")
+    assert (tmp_path / "pods" / "junk.json").exists()
+    assert map_cookies(enrolled_map) == {cookies[1], 999_999_998}
 
 
 @pytest.mark.kernel
@@ -812,3 +823,20 @@ def test_installed_script_end_to_end(enrolled_map: Path, tmp_path: Path,
         assert p.returncode == 0, p.stdout
         assert bool(p.stdout) == expect_out and b"Traceback" not in p.stderr
     assert map_cookies(enrolled_map) == set()
+
+
+def test_del_ignores_a_malformed_prev_result(tmp_path: Path) -> None:
+    # DEL never uses prevResult, and a failing DEL would stop the runtime's teardown chain.
+    for prev in ("", [], 5):
+        assert run(cni_env("DEL"), config(state_dir=tmp_path, prev=prev)) == (0, b"")
+
+
+def test_a_log_file_that_is_a_fifo_or_our_stdout_is_ignored(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    rc, doc = run_doc(cni_env("VERSION"), config(logFile=str(fifo)))
+    assert rc == 0 and "supportedVersions" in doc and time.monotonic() - started < 5
+    # Our stdout as the log file: the JSON must stay alone on stdout.
+    rc, doc = run_doc(cni_env("DEL"), config(state_dir=tmp_path, logFile="/dev/stdout"))
+    assert rc == 0 and doc is None

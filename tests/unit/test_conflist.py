@@ -835,3 +835,26 @@ def test_a_namespace_selector_makes_the_agent_the_enroller(cfg: Config) -> None:
     assert "enrol" not in conflist.entry(cfg)
     selected = dataclasses.replace(cfg, cni_namespace_selector="istio.io/dataplane-mode=kmesh")
     assert conflist.entry(selected)["enrol"] == "agent"
+
+
+def test_an_entry_first_in_the_chain_is_moved_to_the_end(cfg: Config) -> None:
+    ours = conflist.entry(cfg)
+    text = json.dumps({"cniVersion": "1.0.0", "name": "n",
+                       "plugins": [ours, {"type": "bridge"}]}, indent=2)
+    new, done = add_entry(text, ours)
+    assert new is not None and "moved" in done
+    assert [p["type"] for p in json.loads(new)["plugins"]] == ["bridge", "kmesh-cni"]
+
+
+def test_turning_the_selector_on_or_off_updates_the_entry(cfg: Config) -> None:
+    import dataclasses
+
+    plain = conflist.entry(cfg)
+    selected = conflist.entry(dataclasses.replace(cfg, cni_namespace_selector="a=b"))
+    text = json.dumps({"cniVersion": "1.0.0", "name": "n",
+                       "plugins": [{"type": "bridge"}, plain]}, indent=2)
+    on, done = add_entry(text, selected)
+    assert on is not None and "enrol" in done
+    assert json.loads(on)["plugins"][-1]["enrol"] == "agent"
+    off, done = add_entry(on, plain)
+    assert off is not None and "enrol" not in json.loads(off)["plugins"][-1]
