@@ -1099,6 +1099,17 @@ def _wait_gone(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
+def record_resources(state: Path, lab_id: str, name: str, pin_root: Path,
+                     cgroup: Path | None = None) -> None:
+    """The lab record (<state>/lab.json) of a bench that builds its own room: what `lab
+    down` reads to remove it after a crash (its netns prefix, pin root and cgroup)."""
+    record: dict[str, Any] = {"id": lab_id, "pid": os.getpid(), "pin_root": str(pin_root),
+                              "netns_prefix": name, "agents": {}}
+    if cgroup is not None:
+        record["cgroup"] = str(cgroup)
+    _atomic_write(state / "lab.json", json.dumps(record))
+
+
 def _atomic_write(path: Path, text: str) -> None:
     """Readers (the agents) see the old file or the new one, never a half-written one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent.parent if path.parent.name == "manifests"

@@ -26,9 +26,22 @@ from typing import Any
 from datapath_bed import WORKLOADS, Client
 
 from kmesh_lab import procs
+from kmesh_plugin.datapath import loader, syscall
 
 NODE = "n1"
 START_TIMEOUT = 20.0
+
+
+def link_progs(pin_dir: Path) -> dict[str, int]:
+    """The program id each pinned link runs: what a swap changes, and what must not change."""
+    out = {}
+    for name in loader.PROGRAMS:
+        fd = syscall.obj_get(pin_dir / "links" / name)
+        try:
+            out[name] = syscall.link_info(fd).prog_id
+        finally:
+            os.close(fd)
+    return out
 
 
 def write_config(

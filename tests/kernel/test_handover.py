@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_bed import Workloads, agents, start_agent, write_config, write_service
+from node_bed import Workloads, agents, link_progs, start_agent, write_config, write_service
 
-from kmesh_plugin.datapath import loader, syscall
+from kmesh_plugin.datapath import loader
 from kmesh_plugin.datapath.build import Capacities
 from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.records import Frontend
@@ -56,23 +56,12 @@ def holder(pin_dir: Path) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
-def _link_progs(pin_dir: Path) -> dict[str, int]:
-    out = {}
-    for name in loader.PROGRAMS:
-        fd = syscall.obj_get(pin_dir / "links" / name)
-        try:
-            out[name] = syscall.link_info(fd).prog_id
-        finally:
-            os.close(fd)
-    return out
-
-
 def test_a_second_attach_fails_at_once_naming_the_pin_dir_and_the_holder(
     pin_dir: Path, cgroup: Path, build_dir: Path
 ) -> None:
     dp = loader.attach(pin_dir, cgroup, CAPS, build_dir)
     try:
-        before = _link_progs(pin_dir)
+        before = link_progs(pin_dir)
         started = time.monotonic()
         with pytest.raises(DatapathError) as exc:
             loader.attach(pin_dir, cgroup, CAPS, build_dir, lock_timeout=0)
@@ -80,7 +69,7 @@ def test_a_second_attach_fails_at_once_naming_the_pin_dir_and_the_holder(
         assert str(pin_dir) in str(exc.value)
         assert f"pid {os.getpid()}" in str(exc.value)
         # The refused attach loaded nothing and swapped nothing.
-        assert _link_progs(pin_dir) == before
+        assert link_progs(pin_dir) == before
         assert sorted(p.name for p in pin_dir.iterdir()) == ["links", "maps", "progs"]
         # A read-write open is a writer too; a read-only one is not.
         with pytest.raises(DatapathError, match="pid"):
@@ -211,7 +200,7 @@ def test_an_overlapping_restart_hands_over_without_a_failed_connect(
             a = start_agent(config)
             started.append(a)
             a.wait_for(lambda line: line.get("msg") == "reconciled" and line.get("full"))
-            progs_of_a = _link_progs(pin_dir)
+            progs_of_a = link_progs(pin_dir)
 
             load = Load(client, f"http://{VIP}/hello")
             load.thread.start()
@@ -229,7 +218,7 @@ def test_an_overlapping_restart_hands_over_without_a_failed_connect(
             write_service(manifests, VIP, 80, [("198.18.0.1", 8080), ("198.18.0.2", 8080)], "2")
             a.wait_for(lambda line: line.get("msg") == "reconciled", start=mark)
             assert _backends(pin_dir) == {"198.18.0.1:8080", "198.18.0.2:8080"}
-            assert _link_progs(pin_dir) == progs_of_a
+            assert link_progs(pin_dir) == progs_of_a
             assert not any(m.startswith("datapath:") for m in b.messages()), b.messages()
             assert not (pin_dir / f"progs-new-{b.pid}").exists()
             assert loader.PinLock.holder(pin_dir) == a.pid
@@ -241,7 +230,7 @@ def test_an_overlapping_restart_hands_over_without_a_failed_connect(
             t_b_started = time.monotonic()
             b.wait_for(lambda line: line.get("msg") == "reconciled" and line.get("full"))
             assert loader.PinLock.holder(pin_dir) == b.pid
-            assert _link_progs(pin_dir) != progs_of_a  # B swapped the links in place
+            assert link_progs(pin_dir) != progs_of_a  # B swapped the links in place
 
             # B is the writer now.
             mark = len(b.lines)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_bed import agents, start_agent, write_config, write_service
+from node_bed import agents, link_progs, start_agent, write_config, write_service
 
 from kmesh_plugin import cli
 from kmesh_plugin import config as config_mod
@@ -75,17 +75,6 @@ def pins(root: Path) -> dict[str, int]:
         try:
             info = syscall.link_info(fd)  # any object: the id field comes first
             out[str(path.relative_to(root))] = info.id
-        finally:
-            os.close(fd)
-    return out
-
-
-def link_progs(pin_dir: Path) -> dict[str, int]:
-    out = {}
-    for name in loader.PROGRAMS:
-        fd = syscall.obj_get(pin_dir / "links" / name)
-        try:
-            out[name] = syscall.link_info(fd).prog_id
         finally:
             os.close(fd)
     return out

@@ -79,9 +79,7 @@ class Bench:
 
     def start(self) -> None:
         self.state.mkdir(parents=True)
-        (self.state / "lab.json").write_text(json.dumps({
-            "id": self.id, "pid": os.getpid(), "pin_root": str(self.pin_root),
-            "netns_prefix": self.name, "agents": {}}))
+        cluster.record_resources(self.state, self.id, self.name, self.pin_root)
         ensure_bpffs(BPFFS_DEFAULT)
         (self.pin_dir / "maps").mkdir(parents=True)
         spec = loader.map_specs(Capacities(64, 1024))[records.MAP_ENROLLED]

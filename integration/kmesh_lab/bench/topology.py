@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -87,10 +86,7 @@ class BenchNet:
 
     def start(self) -> None:
         self.state.mkdir(parents=True)
-        (self.state / "lab.json").write_text(json.dumps({
-            "id": self.id, "pid": os.getpid(), "cgroup": str(self.cgroup),
-            "pin_root": str(self.pin_root), "netns_prefix": self.name, "agents": {},
-        }))
+        cluster.record_resources(self.state, self.id, self.name, self.pin_root, self.cgroup)
         ensure_bpffs(BPFFS_DEFAULT)
         # Every client in a cgroup of its own, side by side: only bpf's and agent's have a
         # program attached, so the paths differ in nothing but their load balancer.
