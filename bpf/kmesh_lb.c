@@ -1,14 +1,22 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * kmesh-plugin datapath: cgroup connect4/connect6 programs that rewrite a connect() to a
- * Service's ClusterIP:port into one endpoint, chosen by locality tier, before any packet leaves.
+ * kmesh-plugin datapath: cgroup sock_addr programs that rewrite a connect() or an unconnected
+ * UDP sendmsg() to a Service's ClusterIP:port into one endpoint, chosen by locality tier,
+ * before any packet leaves; and that show the ClusterIP:port again where the application looks:
+ * the source of a reply (recvmsg) and the peer of a connected socket (getpeername).
  *
- * Per connect: frontend lookup -> active set -> record -> first non-empty tier (tier 0 only in
- * strict mode) -> uniform random slot in that tier -> rewrite address and port. A frontend with
- * no eligible endpoint refuses the connect with ECONNREFUSED; it never falls through to the
- * ClusterIP, and neither does a ClusterIP on a port it does not serve. Every other destination
- * passes untouched. In enrolment mode CNI, a socket whose network namespace the chained CNI
- * plugin did not enrol is not ours: every connect of it passes untouched, ClusterIPs included.
+ * Per connect or datagram: frontend lookup -> active set -> record -> first non-empty tier
+ * (tier 0 only in strict mode) -> the client's affinity endpoint if the Service has
+ * sessionAffinity and it is still there, else a uniform random slot in that tier -> rewrite
+ * address and port. A frontend with no eligible endpoint refuses the call with ECONNREFUSED;
+ * it never falls through to the ClusterIP, and neither does a ClusterIP on a port it does not
+ * serve. Every other destination passes untouched. In enrolment mode CNI, a socket whose
+ * network namespace the chained CNI plugin did not enrol is not ours: every connect and
+ * datagram of it passes untouched, ClusterIPs included.
+ *
+ * The way back: connect() records its translation in the socket's own storage (kmesh_peers),
+ * sendmsg() in kmesh_replies keyed by socket cookie and endpoint; recvmsg() and getpeername()
+ * rewrite an address only when it is the endpoint that socket was translated to.
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -92,10 +100,32 @@ struct {
 	__type(value, struct kmesh_enrolment);
 } kmesh_enrolled SEC(".maps");
 
+/* Socket storage needs BTF for its value and takes max_entries 0; bpftool creates it so. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct kmesh_peer);
+} kmesh_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KMESH_MAX_REPLIES);
+	__type(key, struct kmesh_reply_key);
+	__type(value, struct kmesh_reply);
+} kmesh_replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KMESH_MAX_AFFINITY);
+	__type(key, struct kmesh_affinity_key);
+	__type(value, struct kmesh_affinity);
+} kmesh_affinity SEC(".maps");
+
 /* Is this socket ours (SPEC.md section 9)? Only TCP and UDP: the core programs no other
  * protocol (SCTP ports are skipped with a warning), and without this a kernel with SCTP would
  * see an SCTP connect to a ClusterIP we serve on other ports refused by the ClusterIP guard
- * instead of reaching whatever handles SCTP. Then one array lookup in mode ALL (the verifier
+ * instead of reaching whatever handles SCTP. (sendmsg hooks run for UDP only.) Then one array lookup in mode ALL (the verifier
  * inlines it), and a hash lookup of the netns cookie in mode CNI. */
 static __always_inline int kmesh_ours(struct bpf_sock_addr *ctx)
 {
@@ -156,15 +186,92 @@ static __always_inline int kmesh_same_frontend(const struct kmesh_frontend_key *
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
 }
 
-static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
+/* -1, 0 or 1 as endpoint a sorts before, equal to or after b: address bytes, then port, in
+ * network order (the order the core sorts a tier of an affinity group in). */
+static __always_inline int kmesh_compare(const struct kmesh_endpoint *a,
+					 const struct kmesh_endpoint *b)
+{
+	const __u32 *x = (const __u32 *)a->addr;
+	const __u32 *y = (const __u32 *)b->addr;
+	__u32 i, p, q;
+
+	for (i = 0; i < 4; i++) {
+		p = __builtin_bswap32(x[i]);
+		q = __builtin_bswap32(y[i]);
+		if (p != q)
+			return p < q ? -1 : 1;
+	}
+	p = __builtin_bswap16(a->port);
+	q = __builtin_bswap16(b->port);
+	if (p != q)
+		return p < q ? -1 : 1;
+	return 0;
+}
+
+#define NSEC_PER_SEC 1000000000ULL
+
+/* sessionAffinity: the endpoint this client is held to, if it is still in the tier the
+ * connect would pick from (slot->tier, holding count endpoints) and its last use is less than
+ * timeout seconds ago. The slot of the last pick is tried first; after a publish moved the
+ * endpoint, a binary search of the sorted tier finds it. */
+static __always_inline int kmesh_sticky(struct kmesh_affinity *affinity, __u32 timeout,
+					struct kmesh_slot_key *slot, __u32 count,
+					struct kmesh_endpoint *out)
+{
+	struct kmesh_endpoint want;
+	struct kmesh_endpoint *endpoint;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 lo = 0, hi = count, step;
+	int order;
+
+	if (now - affinity->last_used > (__u64)timeout * NSEC_PER_SEC)
+		return 0; /* expired: choose again */
+	/* A copy: another CPU may rewrite the entry meanwhile. A torn copy finds no slot equal
+	 * to it, or a real endpoint of this tier: never one outside the set. */
+	__builtin_memcpy(&want, &affinity->endpoint, sizeof(want));
+	if (affinity->tier == slot->tier && affinity->index < count) {
+		slot->index = affinity->index;
+		endpoint = bpf_map_lookup_elem(&kmesh_slots, slot);
+		if (endpoint && kmesh_compare(endpoint, &want) == 0)
+			goto found;
+	}
+	/* Constant bound for the verifier: KMESH_SEARCH_STEPS halvings cover any __u16 count. */
+	for (step = 0; step < KMESH_SEARCH_STEPS; step++) {
+		if (lo >= hi)
+			return 0;
+		slot->index = (lo + hi) / 2;
+		endpoint = bpf_map_lookup_elem(&kmesh_slots, slot);
+		if (!endpoint)
+			return 0;
+		order = kmesh_compare(endpoint, &want);
+		if (order == 0)
+			goto found;
+		if (order < 0)
+			lo = slot->index + 1;
+		else
+			hi = slot->index;
+	}
+	return 0;
+found:
+	__builtin_memcpy(out, endpoint, sizeof(*out));
+	affinity->tier = slot->tier;
+	affinity->index = slot->index;
+	affinity->last_used = now;
+	return 1;
+}
+
+static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key *key,
 				      struct kmesh_endpoint *out)
 {
 	struct kmesh_frontend *frontend;
 	struct kmesh_record *record;
 	struct kmesh_endpoint *endpoint;
 	struct kmesh_slot_key slot = {};
+	struct kmesh_affinity_key held __attribute__((aligned(8))) = {};
+	struct kmesh_affinity *affinity = NULL;
+	struct kmesh_affinity chosen = {};
 	__u32 *active;
-	__u32 sid, set, index, ntiers, tier;
+	__u32 sid, set, index, ntiers, tier, count = 0, timeout;
 
 	frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
 	if (!frontend)
@@ -191,27 +298,47 @@ static __always_inline int kmesh_pick(const struct kmesh_frontend_key *key,
 	if (record->mode == KMESH_MODE_STRICT && ntiers > 1)
 		ntiers = 1;
 
-	/* Constant upper bound so the verifier can prove termination; ntiers ends it early. */
+	/* The first non-empty tier. Constant upper bound so the verifier can prove termination;
+	 * ntiers ends it early. */
 	for (tier = 0; tier < KMESH_MAX_TIERS; tier++) {
-		__u32 count;
-
 		if (tier >= ntiers)
 			break;
 		count = record->count[tier];
-		if (!count)
-			continue;
-
-		slot.sid = sid;
-		slot.set = set;
-		slot.tier = tier;
-		slot.index = bpf_get_prandom_u32() % count;
-		endpoint = bpf_map_lookup_elem(&kmesh_slots, &slot);
-		if (!endpoint)
-			goto refuse; /* a count without its slot is a core bug: never pass through */
-		__builtin_memcpy(out, endpoint, sizeof(*out));
-		kmesh_count(sid, tier, 0);
-		return KMESH_REWRITE;
+		if (count)
+			break;
 	}
+	if (!count || tier >= ntiers)
+		goto refuse;
+	slot.sid = sid;
+	slot.set = set;
+	slot.tier = tier;
+
+	timeout = record->affinity_timeout;
+	if (timeout) {
+		held.netns_cookie = bpf_get_netns_cookie(ctx);
+		__builtin_memcpy(&held.frontend, key, sizeof(held.frontend));
+		affinity = bpf_map_lookup_elem(&kmesh_affinity, &held);
+		if (affinity && kmesh_sticky(affinity, timeout, &slot, count, out))
+			goto picked;
+	}
+
+	slot.index = bpf_get_prandom_u32() % count;
+	endpoint = bpf_map_lookup_elem(&kmesh_slots, &slot);
+	if (!endpoint)
+		goto refuse; /* a count without its slot is a core bug: never pass through */
+	__builtin_memcpy(out, endpoint, sizeof(*out));
+	if (timeout) {
+		/* A new choice (first connect, expiry, or the endpoint left the best tier). An
+		 * entry the LRU must evict to make room costs that client its affinity only. */
+		__builtin_memcpy(&chosen.endpoint, out, sizeof(chosen.endpoint));
+		chosen.tier = tier;
+		chosen.index = slot.index;
+		chosen.last_used = bpf_ktime_get_ns();
+		bpf_map_update_elem(&kmesh_affinity, &held, &chosen, BPF_ANY);
+	}
+picked:
+	kmesh_count(sid, tier, 0);
+	return KMESH_REWRITE;
 refuse:
 	kmesh_count(sid, 0, 1);
 	return KMESH_REFUSE;
@@ -225,79 +352,245 @@ no_frontend:
 
 static __always_inline int kmesh_refuse(struct bpf_sock_addr *ctx)
 {
-	/* Fail connect() with ECONNREFUSED instead of the default EPERM of a rejecting program,
-	 * like kube-proxy's REJECT for a Service without endpoints. */
+	/* Fail connect() or sendmsg() with ECONNREFUSED instead of the default EPERM of a
+	 * rejecting program, like kube-proxy's REJECT for a Service without endpoints. */
 	bpf_set_retval(-ECONNREFUSED);
 	return SOCK_ADDR_REJECT;
+}
+
+/* The destination (connect, sendmsg) or source (recvmsg) or peer (getpeername) address of
+ * ctx, 16 bytes v4-mapped for IPv4, and its port. */
+static __always_inline void kmesh_read4(struct bpf_sock_addr *ctx, __u8 addr[16], __be16 *port)
+{
+	__u32 ip4 = ctx->user_ip4;
+
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	__builtin_memcpy(&addr[12], &ip4, sizeof(ip4));
+	/* user_port holds the network-order port in its low 16 bits. */
+	*port = (__be16)ctx->user_port;
+}
+
+static __always_inline void kmesh_read6(struct bpf_sock_addr *ctx, __u8 addr[16], __be16 *port)
+{
+	__u32 word;
+
+	/* The verifier allows only 4-byte accesses to user_ip6, one word at a time. A v4-mapped
+	 * address (::ffff:a.b.c.d) arrives here and matches the v4 frontend as stored. */
+	word = ctx->user_ip6[0];
+	__builtin_memcpy(&addr[0], &word, 4);
+	word = ctx->user_ip6[1];
+	__builtin_memcpy(&addr[4], &word, 4);
+	word = ctx->user_ip6[2];
+	__builtin_memcpy(&addr[8], &word, 4);
+	word = ctx->user_ip6[3];
+	__builtin_memcpy(&addr[12], &word, 4);
+	*port = (__be16)ctx->user_port;
+}
+
+static __always_inline void kmesh_write4(struct bpf_sock_addr *ctx, const __u8 addr[16],
+					 __be16 port)
+{
+	__u32 ip4;
+
+	__builtin_memcpy(&ip4, &addr[12], sizeof(ip4));
+	ctx->user_ip4 = ip4;
+	ctx->user_port = port;
+}
+
+static __always_inline void kmesh_write6(struct bpf_sock_addr *ctx, const __u8 addr[16],
+					 __be16 port)
+{
+	__u32 word;
+
+	/* A v4 frontend has v4-mapped endpoints, which an IPv6 socket reaches as such. */
+	__builtin_memcpy(&word, &addr[0], 4);
+	ctx->user_ip6[0] = word;
+	__builtin_memcpy(&word, &addr[4], 4);
+	ctx->user_ip6[1] = word;
+	__builtin_memcpy(&word, &addr[8], 4);
+	ctx->user_ip6[2] = word;
+	__builtin_memcpy(&word, &addr[12], 4);
+	ctx->user_ip6[3] = word;
+	ctx->user_port = port;
+}
+
+static __always_inline int kmesh_same_endpoint(const struct kmesh_endpoint *a,
+					       const struct kmesh_endpoint *b)
+{
+	const __u32 *x = (const __u32 *)a->addr;
+	const __u32 *y = (const __u32 *)b->addr;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && a->port == b->port;
+}
+
+/* connect(): remember what the socket asked for (getpeername, recvmsg of connected UDP), or
+ * forget an earlier translation when it connects anywhere else (a UDP socket may reconnect). */
+static __always_inline void kmesh_connected(struct bpf_sock_addr *ctx, int verdict,
+					    const struct kmesh_frontend_key *key,
+					    const struct kmesh_endpoint *endpoint)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct kmesh_peer *peer;
+
+	if (!sk)
+		return;
+	if (verdict != KMESH_REWRITE) {
+		bpf_sk_storage_delete(&kmesh_peers, sk);
+		return;
+	}
+	peer = bpf_sk_storage_get(&kmesh_peers, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!peer)
+		return; /* out of memory: getpeername shows the endpoint, the connect still works */
+	__builtin_memcpy(&peer->endpoint, endpoint, sizeof(peer->endpoint));
+	__builtin_memcpy(&peer->frontend, key, sizeof(peer->frontend));
+}
+
+/* sendmsg(): remember (socket, endpoint) -> frontend for the replies. Looked up first: a
+ * resolver sends many datagrams to one endpoint, and a hit costs no LRU update. */
+static __always_inline void kmesh_sent(struct bpf_sock_addr *ctx,
+				       const struct kmesh_frontend_key *key,
+				       const struct kmesh_endpoint *endpoint)
+{
+	struct kmesh_reply_key sent __attribute__((aligned(8))) = {};
+	struct kmesh_reply reply;
+	struct kmesh_reply *known;
+
+	sent.socket_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(&sent.endpoint, endpoint, sizeof(sent.endpoint));
+	known = bpf_map_lookup_elem(&kmesh_replies, &sent);
+	if (known && kmesh_same_frontend(&known->frontend, key))
+		return;
+	__builtin_memcpy(&reply.frontend, key, sizeof(reply.frontend));
+	bpf_map_update_elem(&kmesh_replies, &sent, &reply, BPF_ANY);
+}
+
+/* recvmsg() and getpeername(): the frontend a translated socket asked for, if ``from`` is the
+ * endpoint it was translated to; NULL for anything else. Nothing is ours to check here: a
+ * socket we never translated has no entry. */
+static __always_inline const struct kmesh_frontend_key *
+kmesh_asked(struct bpf_sock_addr *ctx, const struct kmesh_endpoint *from, int replies)
+{
+	struct kmesh_reply_key sent __attribute__((aligned(8))) = {};
+	struct bpf_sock *sk = ctx->sk;
+	struct kmesh_peer *peer;
+	struct kmesh_reply *reply;
+
+	if (sk) {
+		peer = bpf_sk_storage_get(&kmesh_peers, sk, NULL, 0);
+		if (peer && kmesh_same_endpoint(&peer->endpoint, from))
+			return &peer->frontend;
+	}
+	if (!replies)
+		return NULL;
+	sent.socket_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(&sent.endpoint, from, sizeof(sent.endpoint));
+	reply = bpf_map_lookup_elem(&kmesh_replies, &sent);
+	return reply ? &reply->frontend : NULL;
+}
+
+/* What connect4/6 and sendmsg4/6 share: translate the destination, or refuse it. */
+#define KMESH_CONNECT 0
+#define KMESH_SENDMSG 1
+
+static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family, int call)
+{
+	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
+	struct kmesh_endpoint endpoint __attribute__((aligned(4)));
+	int verdict;
+
+	if (!kmesh_ours(ctx))
+		return SOCK_ADDR_ALLOW;
+	if (family == 4)
+		kmesh_read4(ctx, key.addr, &key.port);
+	else
+		kmesh_read6(ctx, key.addr, &key.port);
+	key.protocol = ctx->protocol;
+
+	verdict = kmesh_pick(ctx, &key, &endpoint);
+	if (call == KMESH_CONNECT)
+		kmesh_connected(ctx, verdict, &key, &endpoint);
+	else if (verdict == KMESH_REWRITE)
+		kmesh_sent(ctx, &key, &endpoint);
+	switch (verdict) {
+	case KMESH_REWRITE:
+		if (family == 4)
+			kmesh_write4(ctx, endpoint.addr, endpoint.port);
+		else
+			kmesh_write6(ctx, endpoint.addr, endpoint.port);
+		return SOCK_ADDR_ALLOW;
+	case KMESH_REFUSE:
+		return kmesh_refuse(ctx);
+	default:
+		return SOCK_ADDR_ALLOW;
+	}
+}
+
+/* What recvmsg4/6 and getpeername4/6 share: show the frontend instead of its endpoint. Both
+ * hooks must return 1 (they cannot fail the call). */
+static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int family, int replies)
+{
+	struct kmesh_endpoint from __attribute__((aligned(4))) = {};
+	const struct kmesh_frontend_key *asked;
+
+	if (family == 4)
+		kmesh_read4(ctx, from.addr, &from.port);
+	else
+		kmesh_read6(ctx, from.addr, &from.port);
+	asked = kmesh_asked(ctx, &from, replies);
+	if (!asked)
+		return SOCK_ADDR_ALLOW;
+	if (family == 4)
+		kmesh_write4(ctx, asked->addr, asked->port);
+	else
+		kmesh_write6(ctx, asked->addr, asked->port);
+	return SOCK_ADDR_ALLOW;
 }
 
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
-	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
-	struct kmesh_endpoint endpoint;
-	__u32 ip4 = ctx->user_ip4;
-
-	if (!kmesh_ours(ctx))
-		return SOCK_ADDR_ALLOW;
-	key.addr[10] = 0xff;
-	key.addr[11] = 0xff;
-	__builtin_memcpy(&key.addr[12], &ip4, sizeof(ip4));
-	/* user_port holds the network-order port in its low 16 bits. */
-	key.port = (__be16)ctx->user_port;
-	key.protocol = ctx->protocol;
-
-	switch (kmesh_pick(&key, &endpoint)) {
-	case KMESH_REWRITE:
-		__builtin_memcpy(&ip4, &endpoint.addr[12], sizeof(ip4));
-		ctx->user_ip4 = ip4;
-		ctx->user_port = endpoint.port;
-		return SOCK_ADDR_ALLOW;
-	case KMESH_REFUSE:
-		return kmesh_refuse(ctx);
-	default:
-		return SOCK_ADDR_ALLOW;
-	}
+	return kmesh_translate(ctx, 4, KMESH_CONNECT);
 }
 
 SEC("cgroup/connect6")
 int kmesh_connect6(struct bpf_sock_addr *ctx)
 {
-	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
-	struct kmesh_endpoint endpoint;
-	__u32 word;
+	return kmesh_translate(ctx, 6, KMESH_CONNECT);
+}
 
-	if (!kmesh_ours(ctx))
-		return SOCK_ADDR_ALLOW;
-	/* The verifier allows only 4-byte accesses to user_ip6, one word at a time. A v4-mapped
-	 * destination (::ffff:a.b.c.d) arrives here and matches the v4 frontend as stored. */
-	word = ctx->user_ip6[0];
-	__builtin_memcpy(&key.addr[0], &word, 4);
-	word = ctx->user_ip6[1];
-	__builtin_memcpy(&key.addr[4], &word, 4);
-	word = ctx->user_ip6[2];
-	__builtin_memcpy(&key.addr[8], &word, 4);
-	word = ctx->user_ip6[3];
-	__builtin_memcpy(&key.addr[12], &word, 4);
-	key.port = (__be16)ctx->user_port;
-	key.protocol = ctx->protocol;
+SEC("cgroup/sendmsg4")
+int kmesh_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return kmesh_translate(ctx, 4, KMESH_SENDMSG);
+}
 
-	switch (kmesh_pick(&key, &endpoint)) {
-	case KMESH_REWRITE:
-		/* A v4 frontend has v4-mapped endpoints, which an IPv6 socket reaches as such. */
-		__builtin_memcpy(&word, &endpoint.addr[0], 4);
-		ctx->user_ip6[0] = word;
-		__builtin_memcpy(&word, &endpoint.addr[4], 4);
-		ctx->user_ip6[1] = word;
-		__builtin_memcpy(&word, &endpoint.addr[8], 4);
-		ctx->user_ip6[2] = word;
-		__builtin_memcpy(&word, &endpoint.addr[12], 4);
-		ctx->user_ip6[3] = word;
-		ctx->user_port = endpoint.port;
-		return SOCK_ADDR_ALLOW;
-	case KMESH_REFUSE:
-		return kmesh_refuse(ctx);
-	default:
-		return SOCK_ADDR_ALLOW;
-	}
+SEC("cgroup/sendmsg6")
+int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return kmesh_translate(ctx, 6, KMESH_SENDMSG);
+}
+
+SEC("cgroup/recvmsg4")
+int kmesh_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return kmesh_untranslate(ctx, 4, 1);
+}
+
+SEC("cgroup/recvmsg6")
+int kmesh_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return kmesh_untranslate(ctx, 6, 1);
+}
+
+SEC("cgroup/getpeername4")
+int kmesh_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return kmesh_untranslate(ctx, 4, 0);
+}
+
+SEC("cgroup/getpeername6")
+int kmesh_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return kmesh_untranslate(ctx, 6, 0);
 }

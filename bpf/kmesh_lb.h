@@ -33,7 +33,7 @@
 
 /* The version of the map layouts below. The loader records it beside the pinned maps and
  * refuses to reuse maps of another version (a changed struct would be misread). */
-#define KMESH_LAYOUT_VERSION 3
+#define KMESH_LAYOUT_VERSION 4
 
 /* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
  * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
@@ -47,6 +47,16 @@
 
 /* Network namespaces kmesh_enrolled holds at most (pods on one node, with room to spare). */
 #define KMESH_MAX_PODS 8192
+
+/* Entries of the two LRU maps: kmesh_replies (one per unconnected UDP socket and endpoint it
+ * sent to) and kmesh_affinity (one per client and sessionAffinity frontend). An evicted entry
+ * costs what the README states ("Unconnected UDP", "Session affinity"), never a wrong answer. */
+#define KMESH_MAX_REPLIES 65536
+#define KMESH_MAX_AFFINITY 65536
+
+/* A binary search of one tier (sessionAffinity) takes at most this many steps: a tier holds at
+ * most 65,535 endpoints (count is a __u16), and 2^16 > 65,535. */
+#define KMESH_SEARCH_STEPS 16
 
 /* kmesh_config[0]: settings the loader writes before it attaches a program. An all-zero entry
  * (a map just created) means enrolment ALL. */
@@ -97,6 +107,10 @@ struct kmesh_record {
 	__u8 ntiers;      /* tiers in use, <= KMESH_MAX_TIERS */
 	__u16 pad;
 	__u16 count[KMESH_MAX_TIERS]; /* endpoints per tier */
+	/* sessionAffinity ClientIP: seconds an affinity lasts after its last use; 0 = none. With
+	 * affinity, each tier is sorted by endpoint (address bytes, then port, both in network
+	 * order), so that the program can find a client's endpoint by binary search. */
+	__u32 affinity_timeout;
 };
 
 /* kmesh_slots: (sid, set, tier, index) -> endpoint. index < record.count[tier]. */
@@ -118,6 +132,45 @@ struct kmesh_endpoint {
 struct kmesh_stats {
 	__u64 hits[KMESH_MAX_TIERS];
 	__u64 refused;
+};
+
+/* kmesh_peers (socket storage): what connect() made of a socket it translated, so that
+ * getpeername() and a connected UDP socket's recvmsg() show the ClusterIP:port. It lives and
+ * dies with the socket: no eviction, and no other socket can see it. */
+struct kmesh_peer {
+	struct kmesh_endpoint endpoint;    /* where the socket really connected */
+	struct kmesh_frontend_key frontend; /* what it asked for */
+};
+
+/* kmesh_replies (LRU): (socket, endpoint) -> the frontend an unconnected UDP datagram of
+ * that socket was sent to, so that recvmsg() shows a reply from that endpoint as coming from
+ * the ClusterIP:port. Keyed by socket cookie: two sockets never see each other's entries,
+ * and a cookie is never reused while the kernel runs, so an entry left by a closed socket
+ * matches nothing until the LRU evicts it. */
+struct kmesh_reply_key {
+	__u64 socket_cookie;
+	struct kmesh_endpoint endpoint;
+	__u32 pad;
+};
+
+struct kmesh_reply {
+	struct kmesh_frontend_key frontend;
+};
+
+/* kmesh_affinity (LRU): (client, frontend) -> the endpoint that client is held to. The client
+ * is its network namespace (bpf_get_netns_cookie): one per pod, as a pod IP is for
+ * kube-proxy, and known at connect() time, when the source address is not yet chosen. */
+struct kmesh_affinity_key {
+	__u64 netns_cookie;
+	struct kmesh_frontend_key frontend;
+	__u32 pad;
+};
+
+struct kmesh_affinity {
+	struct kmesh_endpoint endpoint;
+	__u16 tier;  /* where the endpoint was last found: checked first, searched on a miss */
+	__u16 index;
+	__u64 last_used; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last connect it decided */
 };
 
 #endif /* KMESH_LB_H */

@@ -25,14 +25,19 @@ class ConfigError(KmeshError):
         super().__init__(f"{where}: {message}")
 
 
+# Kernel-internal error numbers that bpf(2) lets through but libc has no name for.
+_KERNEL_ERRNOS = {524: ("ENOTSUPP", "operation not supported by this map or kernel")}
+
+
 class BpfError(KmeshError, OSError):
     """A bpf(2) command failed. ``errno`` is the kernel's error number."""
 
     def __init__(self, err: int, operation: str, target: str = "") -> None:
         self.operation = operation
         self.target = target
-        name = errno_mod.errorcode.get(err, str(err))
-        text = f"bpf({operation}) failed: {name} ({os.strerror(err)})"
+        name = errno_mod.errorcode.get(err) or _KERNEL_ERRNOS.get(err, (str(err), ""))[0]
+        reason = _KERNEL_ERRNOS[err][1] if err in _KERNEL_ERRNOS else os.strerror(err)
+        text = f"bpf({operation}) failed: {name} ({reason})"
         if target:
             text += f" [{target}]"
         OSError.__init__(self, err, text)

@@ -2,10 +2,10 @@
 
 Pin layout under ``pin_dir`` (every directory 0700, root's)::
 
-    progs/kmesh_connect4, progs/kmesh_connect6     the loaded programs
+    progs/kmesh_connect4, ..., kmesh_getpeername6  the loaded programs (``PROGRAMS``)
     maps/kmesh_frontends, ..., maps/kmesh_barrier  the maps (state survives the agent)
     maps/kmesh_meta                                the maps' layout version (see below)
-    links/kmesh_connect4, links/kmesh_connect6     bpf_links on the cgroup
+    links/kmesh_connect4, ..., kmesh_getpeername6  bpf_links on the cgroup, one per program
 
 The links are made with BPF_LINK_CREATE (bpftool 7.1 cannot) and pinned, so the datapath keeps
 translating while no agent runs. A starting agent always loads the programs afresh, bound to
@@ -75,9 +75,17 @@ DIR_MODE = 0o700
 LOCK_TIMEOUT = 60.0
 _LOCK_RETRY = 0.25  # s between tries of a taken lock (its holder's exit wakes us at once)
 
+# Every program, each with its own link on the cgroup (the attach type is also the program's
+# expected_attach_type, which bpftool takes from its section name).
 PROGRAMS = {
     records.PROG_CONNECT4: syscall.BPF_CGROUP_INET4_CONNECT,
     records.PROG_CONNECT6: syscall.BPF_CGROUP_INET6_CONNECT,
+    records.PROG_SENDMSG4: syscall.BPF_CGROUP_UDP4_SENDMSG,
+    records.PROG_SENDMSG6: syscall.BPF_CGROUP_UDP6_SENDMSG,
+    records.PROG_RECVMSG4: syscall.BPF_CGROUP_UDP4_RECVMSG,
+    records.PROG_RECVMSG6: syscall.BPF_CGROUP_UDP6_RECVMSG,
+    records.PROG_GETPEERNAME4: syscall.BPF_CGROUP_INET4_GETPEERNAME,
+    records.PROG_GETPEERNAME6: syscall.BPF_CGROUP_INET6_GETPEERNAME,
 }
 
 
@@ -114,6 +122,18 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
         records.MAP_ENROLLED: MapSpec(
             syscall.BPF_MAP_TYPE_HASH, 8, records.ENROLMENT.size, records.MAX_PODS,
             syscall.BPF_F_NO_PREALLOC,
+        ),
+        # Socket storage: its max_entries is 0, its key an int (the kernel's rule).
+        records.MAP_PEERS: MapSpec(
+            syscall.BPF_MAP_TYPE_SK_STORAGE, 4, records.PEER.size, 0, syscall.BPF_F_NO_PREALLOC
+        ),
+        records.MAP_REPLIES: MapSpec(
+            syscall.BPF_MAP_TYPE_LRU_HASH, records.REPLY_KEY.size, records.REPLY.size,
+            records.MAX_REPLIES,
+        ),
+        records.MAP_AFFINITY: MapSpec(
+            syscall.BPF_MAP_TYPE_LRU_HASH, records.AFFINITY_KEY.size, records.AFFINITY.size,
+            records.MAX_AFFINITY,
         ),
     }
 

@@ -19,7 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 3  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 4  # KMESH_LAYOUT_VERSION
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
 MODE_STRICT = 2
@@ -28,6 +28,9 @@ ENROL_ALL = 0  # KMESH_ENROL_ALL: every socket in the attached cgroup subtree
 ENROL_CNI = 1  # KMESH_ENROL_CNI: only sockets of network namespaces in kmesh_enrolled
 ENROL_NAMES = {ENROL_ALL: "all", ENROL_CNI: "cni"}
 MAX_PODS = 8192  # KMESH_MAX_PODS
+MAX_REPLIES = 65536  # KMESH_MAX_REPLIES
+MAX_AFFINITY = 65536  # KMESH_MAX_AFFINITY
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: Kubernetes' sessionAffinityConfig default
 
 # Pinned object names (the program and map names in bpf/kmesh_lb.c).
 MAP_FRONTENDS = "kmesh_frontends"
@@ -38,8 +41,17 @@ MAP_SLOTS = "kmesh_slots"
 MAP_STATS = "kmesh_stats"
 MAP_CONFIG = "kmesh_config"
 MAP_ENROLLED = "kmesh_enrolled"
+MAP_PEERS = "kmesh_peers"
+MAP_REPLIES = "kmesh_replies"
+MAP_AFFINITY = "kmesh_affinity"
 PROG_CONNECT4 = "kmesh_connect4"
 PROG_CONNECT6 = "kmesh_connect6"
+PROG_SENDMSG4 = "kmesh_sendmsg4"
+PROG_SENDMSG6 = "kmesh_sendmsg6"
+PROG_RECVMSG4 = "kmesh_recvmsg4"
+PROG_RECVMSG6 = "kmesh_recvmsg6"
+PROG_GETPEERNAME4 = "kmesh_getpeername4"
+PROG_GETPEERNAME6 = "kmesh_getpeername6"
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -153,7 +165,7 @@ RECORD = Layout(
     "kmesh_record",
     [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"),
      Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
-     Field("count", "H", count=MAX_TIERS)],
+     Field("count", "H", count=MAX_TIERS), Field("affinity_timeout", "I")],
 )
 SLOT_KEY = Layout(
     "kmesh_slot_key",
@@ -166,10 +178,33 @@ ENDPOINT = Layout(
 STATS = Layout("kmesh_stats", [Field("hits", "Q", count=MAX_TIERS), Field("refused", "Q")])
 CONFIG = Layout("kmesh_config", [Field("enrolment", "I"), Field("pad", "I")])
 ENROLMENT = Layout("kmesh_enrolment", [Field("flags", "I"), Field("pad", "I")])
+PEER = Layout(
+    "kmesh_peer",
+    [Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"),
+     Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")],
+)
+REPLY_KEY = Layout(
+    "kmesh_reply_key",
+    [Field("socket_cookie", "Q"), Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"),
+     Field("pad", "I")],
+)
+REPLY = Layout("kmesh_reply",
+               [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")])
+AFFINITY_KEY = Layout(
+    "kmesh_affinity_key",
+    [Field("netns_cookie", "Q"),
+     Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"), Field("pad", "I")],
+)
+AFFINITY = Layout(
+    "kmesh_affinity",
+    [Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"), Field("tier", "H"),
+     Field("index", "H"), Field("last_used", "Q")],
+)
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")  # kmesh_enrolled's key: a netns cookie
 
-ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT)
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT,
+               PEER, REPLY_KEY, REPLY, AFFINITY_KEY, AFFINITY)
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -309,11 +344,14 @@ class BackendSet:
     """What one service group's active set holds: its mode and its endpoints tier by tier.
 
     Tiers keep the strategy's length (trailing empty tiers included), so a set recovered from
-    the maps compares equal to the same set computed again.
+    the maps compares equal to the same set computed again. ``affinity``: sessionAffinity
+    ClientIP timeout in seconds, 0 for none; a set with affinity keeps each tier sorted (the
+    program finds a client's endpoint by binary search), and sorts what it is given.
     """
 
     mode: int
     tiers: tuple[tuple[Backend, ...], ...]
+    affinity: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= MAX_TIERS:
@@ -321,6 +359,10 @@ class BackendSet:
         for tier in self.tiers:
             if len(tier) > 0xFFFF:
                 raise ValueError(f"a tier holds at most 65535 endpoints, got {len(tier)}")
+        if not 0 <= self.affinity <= 0xFFFFFFFF:
+            raise ValueError(f"an affinity timeout is 0..2^32-1 seconds, got {self.affinity}")
+        if self.affinity:
+            object.__setattr__(self, "tiers", tuple(tuple(sorted(t)) for t in self.tiers))
 
     @property
     def size(self) -> int:
@@ -329,7 +371,8 @@ class BackendSet:
     def record(self, generation: int, frontend: bytes) -> bytes:
         """The kmesh_record of this set for the group serving ``frontend`` (its packed key)."""
         counts = [len(t) for t in self.tiers] + [0] * (MAX_TIERS - len(self.tiers))
-        return RECORD.pack_fields(frontend, generation, self.mode, len(self.tiers), 0, *counts)
+        return RECORD.pack_fields(frontend, generation, self.mode, len(self.tiers), 0, *counts,
+                                  self.affinity)
 
 
 def record_index(sid: int, set_: int) -> bytes:

@@ -149,7 +149,7 @@ def _scan(dp: Datapath) -> tuple[dict[Frontend, Published], list[bytes], list[by
                     break
                 tiers.append(tuple(m for m in members if m is not None))
             if tiers is not None:
-                backends = BackendSet(record["mode"], tuple(tiers))
+                backends = BackendSet(record["mode"], tuple(tiers), record["affinity_timeout"])
         generation = record["generation"] if record else 0
         table[frontend] = Published(sid, active, generation, backends)
     by_sid: dict[int, list[Frontend]] = defaultdict(list)

@@ -180,7 +180,7 @@ def test_more_than_the_capacity_programs_what_fits_and_names_the_rest(
                 allowed = {f"{a}:5353" for a in stale.get(name, addrs)}
                 if allowed:
                     assert all(r["ok"] for r in results), (name, results[:2])
-                    assert {r["peer"] for r in results} <= allowed, name
+                    assert {r["endpoint"] for r in results} <= allowed, name
                     counted["answered"] += len(results)
                 else:  # programmed without endpoints: refused at once, never leaked
                     assert {r["errno"] for r in results} == {"ECONNREFUSED"}, name

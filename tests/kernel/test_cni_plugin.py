@@ -120,7 +120,7 @@ def node(pin_dir: Path, cgroup: Path, build_dir: Path, tmp_path: Path) -> Iterat
 
 def peers(client: Client, count: int = 3) -> list[Any]:
     """Where each UDP connect to the ClusterIP went: "addr:port", or the errno name."""
-    return [r["peer"] if r["ok"] else r["errno"]
+    return [r["endpoint"] if r["ok"] else r["errno"]
             for r in client.connect(VIP, 53, proto="udp", count=count)]
 
 

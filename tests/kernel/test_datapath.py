@@ -97,7 +97,7 @@ def test_connected_udp_is_translated(bed: Bed) -> None:
     front = Frontend(ip(VIP), 53, socket.IPPROTO_UDP)
     bed.publish({front: tiers([ep], mode=MODE_FAILOVER)})
     results = client.connect(VIP, 53, proto="udp", count=3)
-    assert [r["peer"] for r in results] == ["198.18.0.7:5353"] * 3
+    assert [r["endpoint"] for r in results] == ["198.18.0.7:5353"] * 3
     # No TCP frontend on that ClusterIP and port: refused, not leaked.
     assert client.connect(VIP, 53, proto="tcp")[0]["errno"] == "ECONNREFUSED"
     # Once the Service is gone, its address is nobody's: untouched again.
@@ -116,7 +116,7 @@ def test_ipv6_and_v4_mapped(bed: Bed) -> None:
     assert set(answered(client.get(f"http://[{VIP6}]:80/hello", count=5))) == {"six"}
     # An IPv6 socket connecting to the v4-mapped ClusterIP reaches the IPv4 endpoint.
     mapped = client.connect(f"::ffff:{VIP}", 80, count=3)
-    assert [r["peer"] for r in mapped] == ["[::ffff:198.18.0.4]:8080"] * 3
+    assert [r["endpoint"] for r in mapped] == ["[::ffff:198.18.0.4]:8080"] * 3
 
 
 def test_per_cpu_counters_count_hits_per_tier_and_refusals(bed: Bed) -> None:
@@ -154,7 +154,7 @@ def test_update_returns_only_after_the_new_set_is_live(bed: Bed) -> None:
     for i in range(100):
         want, ep = ("one", one) if i % 2 == 0 else ("two", two)
         bed.publish({FRONT: tiers([ep], mode=MODE_FAILOVER)})
-        assert client.connect(VIP, 80)[0]["peer"] == f"{ep.ip}:8080", f"round {i}: {want}"
+        assert client.connect(VIP, 80)[0]["endpoint"] == f"{ep.ip}:8080", f"round {i}: {want}"
 
 
 def test_connects_racing_updates_never_see_a_hole(bed: Bed) -> None:
@@ -179,7 +179,7 @@ def test_connects_racing_updates_never_see_a_hole(bed: Bed) -> None:
     errors = collections.Counter(r["errno"] for r in reply["results"] if not r["ok"])
     assert not errors, errors
     allowed = {f"{e.ip}:8080" for e in eps}
-    assert {r["peer"] for r in reply["results"]} <= allowed
+    assert {r["endpoint"] for r in reply["results"]} <= allowed
     assert flips >= 50
 
 
@@ -261,7 +261,7 @@ def test_pinned_maps_of_other_capacities_are_refused(
         loader.attach(pin_dir, cgroup, Capacities(64, 2048), build_dir)
     # The running datapath is untouched by the refused attach.
     links = list((pin_dir / "links").iterdir())
-    assert len(links) == 2
+    assert len(links) == len(loader.PROGRAMS) == 8
     for link in links:
         fd = syscall.obj_get(link)
         try:

@@ -541,7 +541,7 @@ def test_uninstall_leaves_the_node_as_it_found_it(
     config = node_config(tmp_path, node, cgroup, build)
     status_file = tmp_path / "run" / "status.json"
     found = node_state(node, cgroup, build, status_file)
-    assert found == {"pin_dir": False, "attached": {10: [], 11: []},
+    assert found == {"pin_dir": False, "attached": {t: [] for t in loader.PROGRAMS.values()},
                      "build_dir": ["not-ours.o"], "status_file": False, "status_dir": False}
     try:
         with agents() as started:

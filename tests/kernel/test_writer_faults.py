@@ -271,7 +271,7 @@ def test_every_failure_point_of_a_publish_keeps_maps_and_books_true(bed: Bed) ->
     connects = {f: len(r) for f, r in prober.results.items()}
     failed = {str(f): collections.Counter(r["errno"] for r in rs if not r["ok"])
               for f, rs in prober.results.items()}
-    strangers = {str(f): {r["peer"] for r in rs if r["ok"]} - allowed[f]
+    strangers = {str(f): {r["endpoint"] for r in rs if r["ok"]} - allowed[f]
                  for f, rs in prober.results.items()}
     total = sum(tried.values())
     print(f"{bed.capacities}: {total} failure points: {dict(sorted(tried.items()))}")

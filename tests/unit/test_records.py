@@ -134,10 +134,10 @@ def test_backend_set_record_round_trip() -> None:
     backends = BackendSet(MODE_FAILOVER, ((a,), (b, c), (), (), ()))
     assert backends.size == 3
     raw = backends.record(7, FRONT_KEY)
-    assert len(raw) == RECORD.size == 44
+    assert len(raw) == RECORD.size == 48
     assert RECORD.unpack(raw) == {
         "frontend": FRONT_KEY, "generation": 7, "mode": MODE_FAILOVER, "ntiers": 5, "pad": 0,
-        "count": (1, 2, 0, 0, 0, 0, 0, 0),
+        "count": (1, 2, 0, 0, 0, 0, 0, 0), "affinity_timeout": 0,
     }
     # The frontend's key first (the program compares it), then native-order integers.
     assert raw[:20] == FRONT_KEY
@@ -151,7 +151,7 @@ def test_backend_set_record_strict_full() -> None:
     assert RECORD.unpack(raw) == {
         "frontend": FRONT_KEY, "generation": 0xFFFFFFFF, "mode": MODE_STRICT,
         "ntiers": MAX_TIERS, "pad": 0,
-        "count": tuple(range(1, MAX_TIERS + 1)),
+        "count": tuple(range(1, MAX_TIERS + 1)), "affinity_timeout": 0,
     }
 
 
@@ -170,6 +170,23 @@ def test_backend_sets_compare_by_value() -> None:
     assert BackendSet(MODE_FAILOVER, ((a,),)) != BackendSet(MODE_STRICT, ((a,),))
 
 
+def test_an_affinity_set_sorts_its_tiers_and_records_its_timeout() -> None:
+    # The program binary-searches an affinity group's tier: it must be sorted the way the
+    # program compares (address bytes, then port, network order), whatever order it came in.
+    a, b, c = (Backend(ip("198.19.0.9"), 80), Backend(ip("198.19.0.10"), 79),
+               Backend(ip("198.19.0.10"), 8080))
+    backends = BackendSet(MODE_FAILOVER, ((c, a, b), (b, a)), affinity=10800)
+    assert backends.tiers == ((a, b, c), (a, b))
+    assert [x.addr + x.port.to_bytes(2, "big") for x in backends.tiers[0]] == sorted(
+        x.addr + x.port.to_bytes(2, "big") for x in (a, b, c))
+    assert RECORD.unpack(backends.record(1, FRONT_KEY))["affinity_timeout"] == 10800
+    # Without affinity the order is the strategy's, kept as given.
+    assert BackendSet(MODE_FAILOVER, ((c, a, b),)).tiers == ((c, a, b),)
+    assert backends != BackendSet(MODE_FAILOVER, ((a, b, c), (a, b)))
+    with pytest.raises(ValueError, match="affinity"):
+        BackendSet(MODE_FAILOVER, ((a,),), affinity=-1)
+
+
 def test_slot_key_and_record_index() -> None:
     raw = slot_key(5, 1, 3, 513)
     assert len(raw) == SLOT_KEY.size == 8
@@ -186,7 +203,7 @@ def test_layout_array_too_long() -> None:
 
 def test_layout_offsets_follow_c_alignment() -> None:
     assert RECORD.offsets == {"frontend": 0, "generation": 20, "mode": 24, "ntiers": 25,
-                              "pad": 26, "count": 28}
+                              "pad": 26, "count": 28, "affinity_timeout": 44}
     assert FRONTEND_KEY.offsets == {"addr": 0, "port": 16, "protocol": 18, "pad": 19}
     assert records.STATS.size == 72 and records.STATS.offsets == {"hits": 0, "refused": 64}
 
