@@ -155,7 +155,8 @@ def test_one_socket_sends_to_two_services_and_each_reply_shows_its_own(beds: Bed
 def test_ipv6_and_v4_mapped_datagrams(beds: Beds) -> None:
     six = beds.udp_server("six", "2001:2::1")
     four = beds.udp_server("four", "198.18.0.4")
-    beds.bed.publish({DNS6: tiers([six], mode=MODE_FAILOVER), DNS: tiers([four], mode=MODE_FAILOVER)})
+    beds.bed.publish({DNS6: tiers([six], mode=MODE_FAILOVER),
+                      DNS: tiers([four], mode=MODE_FAILOVER)})
     client = beds.peer()
     replies = client.ask(VIP6, count=3)
     assert names(replies) == ["six"] * 3 and {r["source"] for r in replies} == {f"[{VIP6}]:53"}
@@ -317,7 +318,7 @@ def test_affinity_survives_changes_that_keep_the_endpoint(beds: Beds) -> None:
     for round_, change in enumerate([endpoints(300, block=0), endpoints(700, block=2), []]):
         others = [b for b in pool if b != keep][round_ * 100:]
         beds.bed.publish({DNS: records.BackendSet(
-            MODE_FAILOVER, (tuple(others + [keep] + change),), affinity=10800)})
+            MODE_FAILOVER, (tuple([*others, keep, *change]),), affinity=10800)})
         assert set(connect_endpoints(client, 5)) == {held}, round_
 
 
