@@ -14,9 +14,9 @@
  * network namespace the chained CNI plugin did not enrol is not ours: every connect and
  * datagram of it passes untouched, ClusterIPs included.
  *
- * The way back: connect() records its translation in the socket's own storage (kmesh_peers),
- * sendmsg() in kmesh_replies keyed by socket cookie and endpoint; recvmsg() and getpeername()
- * rewrite an address only when it is the endpoint that socket was translated to.
+ * The way back: connect() and sendmsg() record each translation in kmesh_reverse, keyed by
+ * socket cookie and endpoint; recvmsg() and getpeername() rewrite an address only when it is an
+ * endpoint that very socket was translated to.
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -100,20 +100,12 @@ struct {
 	__type(value, struct kmesh_enrolment);
 } kmesh_enrolled SEC(".maps");
 
-/* Socket storage needs BTF for its value and takes max_entries 0; bpftool creates it so. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct kmesh_peer);
-} kmesh_peers SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, KMESH_MAX_REPLIES);
-	__type(key, struct kmesh_reply_key);
-	__type(value, struct kmesh_reply);
-} kmesh_replies SEC(".maps");
+	__uint(max_entries, KMESH_MAX_REVERSE);
+	__type(key, struct kmesh_reverse_key);
+	__type(value, struct kmesh_reverse);
+} kmesh_reverse SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -415,85 +407,59 @@ static __always_inline void kmesh_write6(struct bpf_sock_addr *ctx, const __u8 a
 	ctx->user_port = port;
 }
 
-static __always_inline int kmesh_same_endpoint(const struct kmesh_endpoint *a,
-					       const struct kmesh_endpoint *b)
+/* connect() or sendmsg() translated: remember (socket, endpoint) -> frontend. A datagram looks
+ * first: a resolver sends many to one endpoint, and a hit costs no LRU update. A connect does
+ * not: its socket is (nearly always) new, and the lookup would only miss. */
+static __always_inline void kmesh_remember(struct bpf_sock_addr *ctx,
+					   const struct kmesh_frontend_key *key,
+					   const struct kmesh_endpoint *endpoint, int datagram)
 {
-	const __u32 *x = (const __u32 *)a->addr;
-	const __u32 *y = (const __u32 *)b->addr;
+	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
+	struct kmesh_reverse back;
+	struct kmesh_reverse *known;
 
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && a->port == b->port;
-}
-
-/* connect(): remember what the socket asked for (getpeername, recvmsg of connected UDP), or
- * forget an earlier translation when it connects anywhere else (a UDP socket may reconnect). */
-static __always_inline void kmesh_connected(struct bpf_sock_addr *ctx, int verdict,
-					    const struct kmesh_frontend_key *key,
-					    const struct kmesh_endpoint *endpoint)
-{
-	struct bpf_sock *sk = ctx->sk;
-	struct kmesh_peer *peer;
-
-	if (!sk)
-		return;
-	if (verdict != KMESH_REWRITE) {
-		bpf_sk_storage_delete(&kmesh_peers, sk);
-		return;
+	way.socket_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(&way.endpoint, endpoint, sizeof(way.endpoint));
+	if (datagram) {
+		known = bpf_map_lookup_elem(&kmesh_reverse, &way);
+		if (known && kmesh_same_frontend(&known->frontend, key))
+			return;
 	}
-	peer = bpf_sk_storage_get(&kmesh_peers, sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!peer)
-		return; /* out of memory: getpeername shows the endpoint, the connect still works */
-	__builtin_memcpy(&peer->endpoint, endpoint, sizeof(peer->endpoint));
-	__builtin_memcpy(&peer->frontend, key, sizeof(peer->frontend));
+	__builtin_memcpy(&back.frontend, key, sizeof(back.frontend));
+	bpf_map_update_elem(&kmesh_reverse, &way, &back, BPF_ANY);
 }
 
-/* sendmsg(): remember (socket, endpoint) -> frontend for the replies. Looked up first: a
- * resolver sends many datagrams to one endpoint, and a hit costs no LRU update. */
-static __always_inline void kmesh_sent(struct bpf_sock_addr *ctx,
-				       const struct kmesh_frontend_key *key,
-				       const struct kmesh_endpoint *endpoint)
+/* connect() or sendmsg() to an address that is no frontend: if this socket was translated to
+ * that very address before, its replies and peer are the address itself from now on. */
+static __always_inline void kmesh_forget(struct bpf_sock_addr *ctx,
+					 const struct kmesh_frontend_key *key)
 {
-	struct kmesh_reply_key sent __attribute__((aligned(8))) = {};
-	struct kmesh_reply reply;
-	struct kmesh_reply *known;
+	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
 
-	sent.socket_cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(&sent.endpoint, endpoint, sizeof(sent.endpoint));
-	known = bpf_map_lookup_elem(&kmesh_replies, &sent);
-	if (known && kmesh_same_frontend(&known->frontend, key))
-		return;
-	__builtin_memcpy(&reply.frontend, key, sizeof(reply.frontend));
-	bpf_map_update_elem(&kmesh_replies, &sent, &reply, BPF_ANY);
+	way.socket_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(way.endpoint.addr, key->addr, sizeof(way.endpoint.addr));
+	way.endpoint.port = key->port;
+	if (bpf_map_lookup_elem(&kmesh_reverse, &way))
+		bpf_map_delete_elem(&kmesh_reverse, &way);
 }
 
-/* recvmsg() and getpeername(): the frontend a translated socket asked for, if ``from`` is the
+/* recvmsg() and getpeername(): the frontend a translated socket asked for, if ``from`` is an
  * endpoint it was translated to; NULL for anything else. Nothing is ours to check here: a
  * socket we never translated has no entry. */
 static __always_inline const struct kmesh_frontend_key *
-kmesh_asked(struct bpf_sock_addr *ctx, const struct kmesh_endpoint *from, int replies)
+kmesh_asked(struct bpf_sock_addr *ctx, const struct kmesh_endpoint *from)
 {
-	struct kmesh_reply_key sent __attribute__((aligned(8))) = {};
-	struct bpf_sock *sk = ctx->sk;
-	struct kmesh_peer *peer;
-	struct kmesh_reply *reply;
+	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
+	struct kmesh_reverse *back;
 
-	if (sk) {
-		peer = bpf_sk_storage_get(&kmesh_peers, sk, NULL, 0);
-		if (peer && kmesh_same_endpoint(&peer->endpoint, from))
-			return &peer->frontend;
-	}
-	if (!replies)
-		return NULL;
-	sent.socket_cookie = bpf_get_socket_cookie(ctx);
-	__builtin_memcpy(&sent.endpoint, from, sizeof(sent.endpoint));
-	reply = bpf_map_lookup_elem(&kmesh_replies, &sent);
-	return reply ? &reply->frontend : NULL;
+	way.socket_cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(&way.endpoint, from, sizeof(way.endpoint));
+	back = bpf_map_lookup_elem(&kmesh_reverse, &way);
+	return back ? &back->frontend : NULL;
 }
 
-/* What connect4/6 and sendmsg4/6 share: translate the destination, or refuse it. */
-#define KMESH_CONNECT 0
-#define KMESH_SENDMSG 1
-
-static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family, int call)
+/* What connect4/6 and sendmsg4/6 (datagram) share: translate the destination, or refuse it. */
+static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family, int datagram)
 {
 	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
 	struct kmesh_endpoint endpoint __attribute__((aligned(4)));
@@ -508,12 +474,9 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 	key.protocol = ctx->protocol;
 
 	verdict = kmesh_pick(ctx, &key, &endpoint);
-	if (call == KMESH_CONNECT)
-		kmesh_connected(ctx, verdict, &key, &endpoint);
-	else if (verdict == KMESH_REWRITE)
-		kmesh_sent(ctx, &key, &endpoint);
 	switch (verdict) {
 	case KMESH_REWRITE:
+		kmesh_remember(ctx, &key, &endpoint, datagram);
 		if (family == 4)
 			kmesh_write4(ctx, endpoint.addr, endpoint.port);
 		else
@@ -522,13 +485,14 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 	case KMESH_REFUSE:
 		return kmesh_refuse(ctx);
 	default:
+		kmesh_forget(ctx, &key);
 		return SOCK_ADDR_ALLOW;
 	}
 }
 
 /* What recvmsg4/6 and getpeername4/6 share: show the frontend instead of its endpoint. Both
  * hooks must return 1 (they cannot fail the call). */
-static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int family, int replies)
+static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int family)
 {
 	struct kmesh_endpoint from __attribute__((aligned(4))) = {};
 	const struct kmesh_frontend_key *asked;
@@ -537,7 +501,7 @@ static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int fami
 		kmesh_read4(ctx, from.addr, &from.port);
 	else
 		kmesh_read6(ctx, from.addr, &from.port);
-	asked = kmesh_asked(ctx, &from, replies);
+	asked = kmesh_asked(ctx, &from);
 	if (!asked)
 		return SOCK_ADDR_ALLOW;
 	if (family == 4)
@@ -550,47 +514,85 @@ static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int fami
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
-	return kmesh_translate(ctx, 4, KMESH_CONNECT);
+	return kmesh_translate(ctx, 4, 0);
 }
 
 SEC("cgroup/connect6")
 int kmesh_connect6(struct bpf_sock_addr *ctx)
 {
-	return kmesh_translate(ctx, 6, KMESH_CONNECT);
+	return kmesh_translate(ctx, 6, 0);
 }
 
 SEC("cgroup/sendmsg4")
 int kmesh_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return kmesh_translate(ctx, 4, KMESH_SENDMSG);
+	return kmesh_translate(ctx, 4, 1);
 }
 
 SEC("cgroup/sendmsg6")
 int kmesh_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return kmesh_translate(ctx, 6, KMESH_SENDMSG);
+	return kmesh_translate(ctx, 6, 1);
 }
 
 SEC("cgroup/recvmsg4")
 int kmesh_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return kmesh_untranslate(ctx, 4, 1);
+	return kmesh_untranslate(ctx, 4);
 }
 
 SEC("cgroup/recvmsg6")
 int kmesh_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	return kmesh_untranslate(ctx, 6, 1);
+	return kmesh_untranslate(ctx, 6);
 }
 
 SEC("cgroup/getpeername4")
 int kmesh_getpeername4(struct bpf_sock_addr *ctx)
 {
-	return kmesh_untranslate(ctx, 4, 0);
+	return kmesh_untranslate(ctx, 4);
+}
+
+/* A socket closes: drop the entry its connect() made, so that a busy node's kmesh_reverse
+ * holds live sockets instead of filling up with closed ones (an update into a full LRU must
+ * evict, several times the cost of one into free room). What an unconnected UDP socket sent
+ * to many endpoints cannot be enumerated here; those entries age out of the LRU. */
+SEC("cgroup/sock_release")
+int kmesh_release(struct bpf_sock *sk)
+{
+	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
+	__u32 word;
+
+	if (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP)
+		return 1;
+	if (sk->family == 2 /* AF_INET */) {
+		word = sk->dst_ip4;
+		if (!word)
+			return 1; /* never connected */
+		way.endpoint.addr[10] = 0xff;
+		way.endpoint.addr[11] = 0xff;
+		__builtin_memcpy(&way.endpoint.addr[12], &word, 4);
+	} else {
+		/* One 4-byte load per word, as the verifier allows for dst_ip6. */
+		word = sk->dst_ip6[0];
+		__builtin_memcpy(&way.endpoint.addr[0], &word, 4);
+		word = sk->dst_ip6[1];
+		__builtin_memcpy(&way.endpoint.addr[4], &word, 4);
+		word = sk->dst_ip6[2];
+		__builtin_memcpy(&way.endpoint.addr[8], &word, 4);
+		word = sk->dst_ip6[3];
+		__builtin_memcpy(&way.endpoint.addr[12], &word, 4);
+	}
+	way.endpoint.port = sk->dst_port;
+	if (!way.endpoint.port)
+		return 1;
+	way.socket_cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&kmesh_reverse, &way);
+	return 1;
 }
 
 SEC("cgroup/getpeername6")
 int kmesh_getpeername6(struct bpf_sock_addr *ctx)
 {
-	return kmesh_untranslate(ctx, 6, 0);
+	return kmesh_untranslate(ctx, 6);
 }

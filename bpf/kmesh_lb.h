@@ -48,10 +48,10 @@
 /* Network namespaces kmesh_enrolled holds at most (pods on one node, with room to spare). */
 #define KMESH_MAX_PODS 8192
 
-/* Entries of the two LRU maps: kmesh_replies (one per unconnected UDP socket and endpoint it
- * sent to) and kmesh_affinity (one per client and sessionAffinity frontend). An evicted entry
- * costs what the README states ("Unconnected UDP", "Session affinity"), never a wrong answer. */
-#define KMESH_MAX_REPLIES 65536
+/* Entries of the two LRU maps: kmesh_reverse (one per translated socket and endpoint) and
+ * kmesh_affinity (one per client and sessionAffinity frontend). An evicted entry costs what
+ * the README states ("Beyond connect()"), never a wrong endpoint. */
+#define KMESH_MAX_REVERSE 65536
 #define KMESH_MAX_AFFINITY 65536
 
 /* A binary search of one tier (sessionAffinity) takes at most this many steps: a tier holds at
@@ -134,26 +134,20 @@ struct kmesh_stats {
 	__u64 refused;
 };
 
-/* kmesh_peers (socket storage): what connect() made of a socket it translated, so that
- * getpeername() and a connected UDP socket's recvmsg() show the ClusterIP:port. It lives and
- * dies with the socket: no eviction, and no other socket can see it. */
-struct kmesh_peer {
-	struct kmesh_endpoint endpoint;    /* where the socket really connected */
-	struct kmesh_frontend_key frontend; /* what it asked for */
-};
-
-/* kmesh_replies (LRU): (socket, endpoint) -> the frontend an unconnected UDP datagram of
- * that socket was sent to, so that recvmsg() shows a reply from that endpoint as coming from
- * the ClusterIP:port. Keyed by socket cookie: two sockets never see each other's entries,
- * and a cookie is never reused while the kernel runs, so an entry left by a closed socket
- * matches nothing until the LRU evicts it. */
-struct kmesh_reply_key {
+/* kmesh_reverse (LRU): (socket, endpoint) -> the frontend that socket asked for, written by
+ * connect() and by an unconnected UDP sendmsg() that translated it, so that getpeername() and
+ * recvmsg() show the ClusterIP:port instead of the endpoint. Keyed by socket cookie: two
+ * sockets never see each other's entries, and a cookie is never reused while the kernel runs,
+ * so an entry left by a closed socket matches nothing until the LRU evicts it. (Socket
+ * storage would need no eviction, but creating it costs about 1 us per connect: several times
+ * the rest of the program.) */
+struct kmesh_reverse_key {
 	__u64 socket_cookie;
 	struct kmesh_endpoint endpoint;
 	__u32 pad;
 };
 
-struct kmesh_reply {
+struct kmesh_reverse {
 	struct kmesh_frontend_key frontend;
 };
 

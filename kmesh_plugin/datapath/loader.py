@@ -86,6 +86,7 @@ PROGRAMS = {
     records.PROG_RECVMSG6: syscall.BPF_CGROUP_UDP6_RECVMSG,
     records.PROG_GETPEERNAME4: syscall.BPF_CGROUP_INET4_GETPEERNAME,
     records.PROG_GETPEERNAME6: syscall.BPF_CGROUP_INET6_GETPEERNAME,
+    records.PROG_RELEASE: syscall.BPF_CGROUP_INET_SOCK_RELEASE,
 }
 
 
@@ -123,13 +124,9 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
             syscall.BPF_MAP_TYPE_HASH, 8, records.ENROLMENT.size, records.MAX_PODS,
             syscall.BPF_F_NO_PREALLOC,
         ),
-        # Socket storage: its max_entries is 0, its key an int (the kernel's rule).
-        records.MAP_PEERS: MapSpec(
-            syscall.BPF_MAP_TYPE_SK_STORAGE, 4, records.PEER.size, 0, syscall.BPF_F_NO_PREALLOC
-        ),
-        records.MAP_REPLIES: MapSpec(
-            syscall.BPF_MAP_TYPE_LRU_HASH, records.REPLY_KEY.size, records.REPLY.size,
-            records.MAX_REPLIES,
+        records.MAP_REVERSE: MapSpec(
+            syscall.BPF_MAP_TYPE_LRU_HASH, records.REVERSE_KEY.size, records.REVERSE.size,
+            records.MAX_REVERSE,
         ),
         records.MAP_AFFINITY: MapSpec(
             syscall.BPF_MAP_TYPE_LRU_HASH, records.AFFINITY_KEY.size, records.AFFINITY.size,

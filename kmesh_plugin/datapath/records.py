@@ -28,7 +28,7 @@ ENROL_ALL = 0  # KMESH_ENROL_ALL: every socket in the attached cgroup subtree
 ENROL_CNI = 1  # KMESH_ENROL_CNI: only sockets of network namespaces in kmesh_enrolled
 ENROL_NAMES = {ENROL_ALL: "all", ENROL_CNI: "cni"}
 MAX_PODS = 8192  # KMESH_MAX_PODS
-MAX_REPLIES = 65536  # KMESH_MAX_REPLIES
+MAX_REVERSE = 65536  # KMESH_MAX_REVERSE
 MAX_AFFINITY = 65536  # KMESH_MAX_AFFINITY
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: Kubernetes' sessionAffinityConfig default
 
@@ -41,8 +41,7 @@ MAP_SLOTS = "kmesh_slots"
 MAP_STATS = "kmesh_stats"
 MAP_CONFIG = "kmesh_config"
 MAP_ENROLLED = "kmesh_enrolled"
-MAP_PEERS = "kmesh_peers"
-MAP_REPLIES = "kmesh_replies"
+MAP_REVERSE = "kmesh_reverse"
 MAP_AFFINITY = "kmesh_affinity"
 PROG_CONNECT4 = "kmesh_connect4"
 PROG_CONNECT6 = "kmesh_connect6"
@@ -52,6 +51,7 @@ PROG_RECVMSG4 = "kmesh_recvmsg4"
 PROG_RECVMSG6 = "kmesh_recvmsg6"
 PROG_GETPEERNAME4 = "kmesh_getpeername4"
 PROG_GETPEERNAME6 = "kmesh_getpeername6"
+PROG_RELEASE = "kmesh_release"
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -178,18 +178,13 @@ ENDPOINT = Layout(
 STATS = Layout("kmesh_stats", [Field("hits", "Q", count=MAX_TIERS), Field("refused", "Q")])
 CONFIG = Layout("kmesh_config", [Field("enrolment", "I"), Field("pad", "I")])
 ENROLMENT = Layout("kmesh_enrolment", [Field("flags", "I"), Field("pad", "I")])
-PEER = Layout(
-    "kmesh_peer",
-    [Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"),
-     Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")],
-)
-REPLY_KEY = Layout(
-    "kmesh_reply_key",
+REVERSE_KEY = Layout(
+    "kmesh_reverse_key",
     [Field("socket_cookie", "Q"), Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"),
      Field("pad", "I")],
 )
-REPLY = Layout("kmesh_reply",
-               [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")])
+REVERSE = Layout("kmesh_reverse",
+                 [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")])
 AFFINITY_KEY = Layout(
     "kmesh_affinity_key",
     [Field("netns_cookie", "Q"),
@@ -204,7 +199,7 @@ U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")  # kmesh_enrolled's key: a netns cookie
 
 ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT,
-               PEER, REPLY_KEY, REPLY, AFFINITY_KEY, AFFINITY)
+               REVERSE_KEY, REVERSE, AFFINITY_KEY, AFFINITY)
 
 
 def parse_ip(text: str) -> IPAddress:

@@ -13,6 +13,7 @@ Commands (every answer has "ok"; a failure has "errno" with the errno name):
   {"op": "connect", "id": N, "host": H, "port": P}
   {"op": "getpeername", "id": N}               -> {"peer": "host:port"}
   {"op": "endpoint", "id": N}                  -> {"endpoint": "host:port"} (kernel's table)
+  {"op": "cookie", "id": N}                    -> {"cookie": int} (SO_COOKIE)
   {"op": "ask", "family": F, "host": H, "port": P, "count": C, "connected": bool}
       C round trips, each on a fresh UDP socket -> {"replies": [{"data", "source"} | errno]}
   {"op": "close", "id": N}
@@ -32,6 +33,7 @@ import sys
 from typing import Any
 
 SO_NETNS_COOKIE = 71
+SO_COOKIE = 57
 
 
 def fmt(address: tuple[Any, ...]) -> str:
@@ -116,6 +118,9 @@ def run(command: dict[str, Any], sockets: dict[int, socket.socket]) -> dict[str,
         return {"peer": fmt(sock.getpeername())}
     if op == "endpoint":
         return {"endpoint": kernel_peer(sock)}
+    if op == "cookie":
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+        return {"cookie": int.from_bytes(raw, sys.byteorder)}
     if op == "close":
         sockets.pop(command["id"]).close()
         return {}

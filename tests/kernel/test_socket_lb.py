@@ -190,8 +190,8 @@ def test_two_sockets_never_see_each_others_translations(beds: Beds) -> None:
     assert client("recvfrom", id=plain)["source"] == "198.18.0.1:5353"
     assert client("sendto", id=asked, host=VIP, port=53, data="z")["ok"]
     assert client("recvfrom", id=asked)["source"] == f"{VIP}:53"
-    # One kmesh_replies entry, of the first socket.
-    assert len(list(beds.bed.dp[records.MAP_REPLIES].keys())) == 1
+    # One kmesh_reverse entry, of the first socket.
+    assert len(list(beds.bed.dp[records.MAP_REVERSE].keys())) == 1
 
 
 def test_a_reply_after_a_datapath_restart_still_shows_the_cluster_ip(beds: Beds) -> None:
@@ -236,6 +236,29 @@ def test_getpeername_shows_the_cluster_ip_of_a_translated_socket(beds: Beds) -> 
     assert client("getpeername", id=plain)["peer"] == "198.18.0.5:8080"
 
 
+def test_a_closed_socket_takes_its_translation_with_it(beds: Beds) -> None:
+    web = beds.bed.server("web", "198.18.0.5", 8080)
+    web6 = beds.bed.server("web6", "2001:2::5", 8080)
+    beds.bed.publish({WEB: tiers([web], mode=MODE_FAILOVER),
+                      Frontend(ip(VIP6), 80, records.PROTOCOLS["TCP"]):
+                      tiers([web6], mode=MODE_FAILOVER)})
+    reverse = beds.bed.dp[records.MAP_REVERSE]
+    client = beds.peer()
+    socks = []
+    for family, host in ((4, VIP), (6, VIP6), (6, f"::ffff:{VIP}")):
+        sock = client.socket(family=family, kind="tcp")
+        assert client("connect", id=sock, host=host, port=80)["ok"]
+        socks.append(sock)
+    udp = client.socket()
+    assert client("connect", id=udp, host=VIP, port=80)["errno"] == "ECONNREFUSED"  # no UDP
+    cookies = {client("cookie", id=sock)["cookie"] for sock in socks}
+    assert {records.REVERSE_KEY.unpack(k)["socket_cookie"] for k in reverse.keys()} == cookies
+    for sock in socks:
+        client("close", id=sock)
+    # sock_release ran for each (a TCP close releases the socket at once, without linger).
+    assert list(reverse.keys()) == []
+
+
 def test_getpeername_in_ipv6_and_across_a_restart(beds: Beds) -> None:
     web6 = beds.bed.server("web6", "2001:2::5", 8080)
     beds.bed.publish({Frontend(ip(VIP6), 80, records.PROTOCOLS["TCP"]):
@@ -245,7 +268,7 @@ def test_getpeername_in_ipv6_and_across_a_restart(beds: Beds) -> None:
     assert client("connect", id=tcp, host=VIP6, port=80)["ok"]
     assert client("getpeername", id=tcp)["peer"] == f"[{VIP6}]:80"
     beds.bed.reattach()
-    # Socket storage lives with the socket and the pinned map: the new programs read it.
+    # The translation is in a pinned map: the new programs read it.
     assert client("getpeername", id=tcp)["peer"] == f"[{VIP6}]:80"
     assert client("endpoint", id=tcp)["endpoint"] == "[2001:2::5]:8080"
 
@@ -283,8 +306,10 @@ def test_affinity_holds_one_endpoint_per_client(beds: Beds) -> None:
     # Datagrams of the same client (another socket, same netns) reach the same endpoint.
     sock = client.socket()
     assert client("sendto", id=sock, host=VIP, port=53, data="x")["ok"]
-    (sent,) = beds.bed.dp[records.MAP_REPLIES].lookup_batch()
-    assert str(Backend.unpack(records.REPLY_KEY.unpack(sent[0])["endpoint"])) == held[0]
+    cookie = client("cookie", id=sock)["cookie"]
+    sent = [records.REVERSE_KEY.unpack(k) for k in beds.bed.dp[records.MAP_REVERSE].keys()]
+    assert [str(Backend.unpack(k["endpoint"])) for k in sent if k["socket_cookie"] == cookie] \
+        == [held[0]]
     entries = dict(beds.bed.dp[records.MAP_AFFINITY].lookup_batch())
     (key, value), = entries.items()
     assert records.AFFINITY_KEY.unpack(key)["netns_cookie"] == client("netns_cookie")["cookie"]
