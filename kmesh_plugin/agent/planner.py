@@ -232,7 +232,8 @@ def backend_set(
     * failover: tiers as ranked; with no ready endpoint at all, the serving+terminating ones,
       all in one tier (locality ignored, as kube-proxy does);
     * strict: tier 0 only; no ready one there -> serving+terminating ones of tier 0 -> none;
-    * random: every eligible endpoint in one tier.
+    * random: every eligible endpoint in one tier;
+    * sessionAffinity ClientIP: the set carries its timeout (SPEC.md section 8).
 
     The second result explains every endpoint (for ``explain``); ``detail=False`` leaves it
     empty, which the agent's reconcile uses: on a full sync of 100,000 endpoints building the
@@ -272,8 +273,11 @@ def backend_set(
             tiers[ranked[i][1]].append(i)  # type: ignore[index]
     if backends is None:
         backends = [Backend(e.address, e.port) for e, _ in ranked]
+    # With sessionAffinity the set sorts each of its tiers (the program binary-searches a
+    # client's endpoint); the explanations below follow ``ranked``, not the tier order.
     result = BackendSet(KERNEL_MODE[strategy.mode],
-                        tuple(tuple([backends[i] for i in members]) for members in tiers))
+                        tuple(tuple([backends[i] for i in members]) for members in tiers),
+                        affinity=service.session_affinity_timeout)
     if not detail:
         return result, []
     return result, _explain(strategy, ranked, set(ready), set(fallback), tiers, why)

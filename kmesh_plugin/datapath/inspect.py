@@ -7,6 +7,7 @@ agree on what the kernel holds.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,19 @@ from typing import Any
 
 from kmesh_plugin.datapath import records, syscall
 from kmesh_plugin.datapath.loader import PROGRAMS, Datapath, map_specs
-from kmesh_plugin.datapath.records import MODE_NAMES, Frontend
+from kmesh_plugin.datapath.records import MODE_NAMES, MODE_STRICT, Backend, Frontend
 from kmesh_plugin.datapath.writer import Published, read_table
 from kmesh_plugin.errors import BpfError
+
+# Storage maps hold one value per kernel object (a socket, a task). Userspace cannot walk them
+# (BPF_MAP_GET_NEXT_KEY answers ENOTSUPP) and their max_entries is 0: a pinned one (the
+# datapath has none now; an earlier draft had socket storage) is left out of the entry counts
+# rather than failing every `dump`, `status` and `explain`.
+PER_OBJECT_MAP_TYPES = frozenset({syscall.BPF_MAP_TYPE_SK_STORAGE,
+                                  syscall.BPF_MAP_TYPE_INODE_STORAGE,
+                                  syscall.BPF_MAP_TYPE_TASK_STORAGE})
+NSEC_PER_SEC = 1_000_000_000
+_U64_MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -36,17 +47,66 @@ class LinkView:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ReverseView:
+    """A kmesh_reverse entry: socket ``socket_cookie`` asked for ``frontend`` and was sent to
+    ``endpoint`` (by connect, or an unconnected UDP sendmsg); getpeername() and recvmsg()
+    show it the frontend."""
+
+    socket_cookie: int
+    endpoint: Backend
+    frontend: Frontend
+
+    def to_json(self) -> dict[str, Any]:
+        return {"socket_cookie": self.socket_cookie, "endpoint": str(self.endpoint),
+                "frontend": str(self.frontend)}
+
+
+@dataclass(frozen=True)
+class AffinityView:
+    """A kmesh_affinity entry: the endpoint the client (a network namespace) was last given
+    for one sessionAffinity frontend."""
+
+    netns_cookie: int
+    frontend_key: bytes  # the packed kmesh_frontend_key: the kernel matches these bytes
+    frontend: Frontend
+    endpoint: Backend
+    tier: int  # where the program last found the endpoint
+    index: int
+    last_used: int  # CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the last connect it decided
+
+
+@dataclass(frozen=True)
+class AffinityState:
+    """What the next connect of an affinity entry's client does with it."""
+
+    idle_seconds: float | None  # since its last use; None: a last use in the future
+    left_seconds: float | None  # before it expires; None once expired
+    state: str  # "held": the next connect gets its endpoint; "expired"; "stale"
+    why: str  # for a state other than "held"
+
+
 @dataclass
 class DatapathView:
     pin_dir: Path
     groups: dict[Frontend, Published]
     vips: list[records.IPAddress]
     stats: dict[int, dict[int, TierStats]]  # sid -> tier -> counters (summed over CPUs)
-    entries: dict[str, int]  # map name -> entries in use
-    capacity: dict[str, int]  # map name -> max_entries
+    entries: dict[str, int]  # map name -> entries in use (per-object maps left out)
+    capacity: dict[str, int]  # map name -> max_entries (same maps)
     links: list[LinkView] = field(default_factory=list)
     enrolment: str = "all"  # records.ENROL_NAMES of kmesh_config: which sockets are ours
     enrolled: list[int] = field(default_factory=list)  # netns cookies in kmesh_enrolled
+    reverse: list[ReverseView] = field(default_factory=list)
+    affinity: list[AffinityView] = field(default_factory=list)
+    # time.monotonic_ns() just after the maps were read: the clock of AffinityView.last_used.
+    read_at: int = 0
+
+    def published_for(self, a: AffinityView) -> Published | None:
+        """The group an affinity entry is for, if its key is one a connect can build (the
+        canonical key of a frontend in the maps)."""
+        p = self.groups.get(a.frontend)
+        return p if p is not None and a.frontend.pack() == a.frontend_key else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +121,9 @@ class DatapathView:
             "frontends": [group_json(f, p, self.stats.get(p.sid, {}))
                           for f, p in sorted(self.groups.items(), key=lambda i: i[1].sid)],
             "vips": [str(ip) for ip in self.vips],
+            "reverse": [r.to_json() for r in self.reverse],
+            "affinity": [affinity_json(a, self.published_for(a), self.read_at)
+                         for a in self.affinity],
         }
 
 
@@ -76,17 +139,92 @@ def group_json(frontend: Frontend, p: Published, stats: dict[int, TierStats]) ->
     else:
         out["mode"] = MODE_NAMES.get(p.backends.mode, str(p.backends.mode))
         out["tiers"] = [[str(b) for b in tier] for tier in p.backends.tiers]
+        out["affinity_timeout"] = p.backends.affinity
     out["counters"] = {
         str(tier): {"connects": s.hits, "refused": s.refused} for tier, s in sorted(stats.items())
     }
     return out
 
 
+def pick_tier(backends: records.BackendSet) -> int | None:
+    """The tier a connect picks from now: the first non-empty one (strict: tier 0 only)."""
+    tiers = backends.tiers[:1] if backends.mode == MODE_STRICT else backends.tiers
+    return next((i for i, t in enumerate(tiers) if t), None)
+
+
+def affinity_state(a: AffinityView, published: Published | None, now: int) -> AffinityState:
+    """What the program does with ``a`` at CLOCK_MONOTONIC ``now`` (ns), as kmesh_sticky()
+    decides it: expired once idle longer than the record's timeout (u64 arithmetic, as the
+    kernel's: a last use in the future is expired), held while its endpoint is in the tier a
+    connect picks from, stale otherwise (the next connect chooses again)."""
+    idle_ns = (now - a.last_used) & _U64_MASK
+    idle = None if a.last_used > now else idle_ns / NSEC_PER_SEC
+    backends = published.backends if published is not None else None
+    if backends is None:
+        why = ("no such frontend in the maps" if published is None
+               else "the frontend's active set is incomplete")
+        return AffinityState(idle, None, "stale", why)
+    timeout = backends.affinity
+    if not timeout:
+        return AffinityState(idle, None, "stale", "the frontend has no session affinity")
+    if idle_ns > timeout * NSEC_PER_SEC:
+        return AffinityState(idle, None, "expired", f"idle longer than its {timeout} s timeout")
+    left = timeout - idle_ns / NSEC_PER_SEC
+    tier = pick_tier(backends)
+    if tier is None:
+        return AffinityState(idle, left, "stale", "no eligible endpoint: connects are refused")
+    if a.endpoint not in backends.tiers[tier]:
+        return AffinityState(idle, left, "stale",
+                             f"endpoint not in tier {tier}, the tier a connect picks from")
+    return AffinityState(idle, left, "held", "")
+
+
+def affinity_json(a: AffinityView, published: Published | None, now: int) -> dict[str, Any]:
+    st = affinity_state(a, published, now)
+    return {
+        "netns_cookie": a.netns_cookie,
+        "frontend": str(a.frontend),
+        "endpoint": str(a.endpoint),
+        "tier": a.tier,
+        "index": a.index,
+        "last_used_ns": a.last_used,
+        "idle_seconds": None if st.idle_seconds is None else round(st.idle_seconds, 1),
+        "left_seconds": None if st.left_seconds is None else round(st.left_seconds, 1),
+        "state": st.state,
+        "why": st.why,
+    }
+
+
+def read_reverse(items: Iterable[tuple[bytes, bytes]]) -> list[ReverseView]:
+    out = []
+    for k, v in items:
+        key = records.REVERSE_KEY.unpack(k)
+        out.append(ReverseView(key["socket_cookie"], Backend.unpack(key["endpoint"]),
+                               Frontend.unpack(records.REVERSE.unpack(v)["frontend"])))
+    return sorted(out, key=lambda r: (r.socket_cookie, r.endpoint))
+
+
+def read_affinity(items: Iterable[tuple[bytes, bytes]]) -> list[AffinityView]:
+    out = []
+    for k, v in items:
+        key, value = records.AFFINITY_KEY.unpack(k), records.AFFINITY.unpack(v)
+        out.append(AffinityView(key["netns_cookie"], key["frontend"],
+                                Frontend.unpack(key["frontend"]),
+                                Backend.unpack(value["endpoint"]), value["tier"],
+                                value["index"], value["last_used"]))
+    return sorted(out, key=lambda a: (a.frontend_key, a.netns_cookie))
+
+
 def read(dp: Datapath) -> DatapathView:
     """Everything the kernel holds for this datapath, now."""
     groups = read_table(dp)
     vips = [records.decode_addr(k) for k in dp[records.MAP_VIPS].keys()]
-    entries, capacity = map_fill(dp, groups)
+    # Read once: their entries are shown and counted (the counts then match the lists).
+    reverse = dp[records.MAP_REVERSE].lookup_batch()
+    affinity = dp[records.MAP_AFFINITY].lookup_batch()
+    read_at = time.monotonic_ns()  # after the reads: a last use is never in its future
+    entries, capacity = map_fill(dp, groups, {records.MAP_REVERSE: len(reverse),
+                                              records.MAP_AFFINITY: len(affinity)})
     return DatapathView(
         pin_dir=dp.pins.root,
         groups=groups,
@@ -97,6 +235,9 @@ def read(dp: Datapath) -> DatapathView:
         links=read_links(dp.pins.root),
         enrolment=records.ENROL_NAMES.get(dp.enrolment(), f"unknown ({dp.enrolment()})"),
         enrolled=dp.enrolled(),
+        reverse=read_reverse(reverse),
+        affinity=read_affinity(affinity),
+        read_at=read_at,
     )
 
 
@@ -121,21 +262,26 @@ def read_stats(dp: Datapath, sids: Iterable[int]) -> dict[int, dict[int, TierSta
 
 
 def map_fill(
-    dp: Datapath, groups: dict[Frontend, Published] | None = None
+    dp: Datapath, groups: dict[Frontend, Published] | None = None,
+    counted: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Entries in use and capacity of every map."""
+    """Entries in use and capacity of every map but per-object storage (PER_OBJECT_MAP_TYPES).
+    ``counted``: entries of maps the caller has read already."""
     if groups is None:
         groups = read_table(dp)
     used_sids = len({p.sid for p in groups.values()})
     # Arrays are always "full"; what they hold in use is one element (records: one per set)
     # per service group.
-    in_use_of_array = {records.MAP_ACTIVE: used_sids, records.MAP_RECORDS: used_sids * records.SETS}
+    known = {records.MAP_ACTIVE: used_sids, records.MAP_RECORDS: used_sids * records.SETS,
+             **(counted or {})}
     entries = {}
     capacity = {}
     for name in map_specs(dp.capacities):
+        if dp[name].map_type in PER_OBJECT_MAP_TYPES:
+            continue
         capacity[name] = dp[name].max_entries
-        if name in in_use_of_array:
-            entries[name] = in_use_of_array[name]
+        if name in known:
+            entries[name] = known[name]
         else:
             entries[name] = len(dp[name].lookup_batch())
     return entries, capacity

@@ -30,6 +30,12 @@ INT_MAX = (1 << 63) - 1
 # A value kept raw (spec.trafficDistribution) is compared and shown later: bounded here.
 MAX_RAW_NODES = 1000
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+SESSION_AFFINITIES = ("None", "ClientIP")
+# sessionAffinityConfig.clientIP.timeoutSeconds: the API server's default and the range its
+# validation allows (records.DEFAULT_AFFINITY_TIMEOUT is the same default on the datapath
+# side; kept here too so that the model stays free of the kernel's modules).
+DEFAULT_AFFINITY_TIMEOUT = 10800
+MAX_AFFINITY_TIMEOUT = 86400
 
 
 @dataclass(frozen=True, order=True)
@@ -77,6 +83,9 @@ class Service:
     publish_not_ready_addresses: bool = False
     selector: Mapping[str, str] | None = field(default=None, hash=False)
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # sessionAffinity ClientIP: seconds a client stays with its endpoint after its last use
+    # (spec.sessionAffinityConfig.clientIP.timeoutSeconds); 0 = sessionAffinity None.
+    session_affinity_timeout: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -268,7 +277,30 @@ def _service(p: _Parser, key: ObjectKey) -> Service:
         publish_not_ready_addresses=bool(publish),
         selector=p.str_map("spec.selector") if selector is not None else None,
         annotations=p.str_map("metadata.annotations"),
+        session_affinity_timeout=_affinity_timeout(p),
     )
+
+
+def _affinity_timeout(p: _Parser) -> int:
+    """spec.sessionAffinity as the seconds a client stays with its endpoint; 0 for None.
+
+    As the API server does: unset (or "") is None, and with None the sessionAffinityConfig
+    is ignored (its defaulting drops it); with ClientIP an unset timeout is the default."""
+    affinity = p.get("spec.sessionAffinity")
+    if affinity is not None and (type(affinity) is not str
+                                 or affinity not in ("", *SESSION_AFFINITIES)):
+        p.fail("spec.sessionAffinity", f"must be None or ClientIP, got {_show(affinity)}")
+    if affinity != "ClientIP":
+        return 0
+    path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    timeout = p.get(path)
+    if timeout is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    # bool is an int in Python: YAML `true` is no number of seconds.
+    if type(timeout) is not int or not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
+        p.fail(path, f"must be an integer of seconds in 1..{MAX_AFFINITY_TIMEOUT}, got "
+                     f"{_show(timeout)}")
+    return timeout
 
 
 def _endpoint_slice(p: _Parser, key: ObjectKey) -> EndpointSlice:

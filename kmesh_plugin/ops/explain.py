@@ -19,6 +19,7 @@ from kmesh_plugin.datapath.records import MODE_NAMES, MODE_STRICT, Backend
 from kmesh_plugin.errors import KmeshError
 from kmesh_plugin.hookspecs import StrategySettings
 from kmesh_plugin.model import Locality
+from kmesh_plugin.ops.status import render_affinity
 from kmesh_plugin.plugins import Plugins
 from kmesh_plugin.sources.factory import make_source, read_once
 
@@ -33,6 +34,10 @@ class KernelGroup:
     pickable: list[str]  # what a connect picks from now: the first non-empty (strict: 0) tier
     pick_tier: int | None
     counters: dict[int, tuple[int, int]]  # tier -> (connects, refused)
+    affinity_timeout: int | None = None  # the record's, seconds (0: none; None: not read)
+    # This frontend's kmesh_affinity entries (inspect.affinity_json, plus "client": the pod
+    # kmesh-cni recorded for the netns cookie, if any).
+    affinity: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +50,8 @@ class GroupExplanation:
     kernel: KernelGroup | None
     kernel_note: str | None = None
     mismatch: str | None = None
+    session_affinity: str = "None"  # the intent: "None" or "ClientIP"
+    affinity_timeout: int = 0  # the intent's timeout, seconds (0 with None)
 
 
 @dataclass
@@ -144,16 +151,29 @@ def explain(
             finally:
                 dp.close()
             expl.enrolment, expl.enrolled_pods = view.enrolment, len(view.enrolled)
+    clients = _clients(cfg) if view is not None and view.affinity else {}
     for group in plan.groups:
-        expl.groups.append(_group(group, view, kernel_note))
+        expl.groups.append(_group(group, view, kernel_note, clients))
     for g in expl.groups:
         if g.mismatch:
             expl.warnings.append(f"{g.frontend}: {g.mismatch}")
     return expl
 
 
+def _clients(cfg: Config) -> dict[int, str]:
+    """netns cookie -> the pod(s) kmesh-cni enrolled with it (namespace/name): names the
+    clients of the affinity entries. Empty in enrolment mode all (no records)."""
+    from kmesh_plugin.cni import spool
+
+    names: dict[int, list[str]] = {}
+    for rec in spool.read_records(cfg.cni_state_dir, lambda path, reason: None):
+        names.setdefault(rec.netns_cookie, []).append(
+            f"{rec.pod_namespace or '-'}/{rec.pod_name or '-'}")
+    return {cookie: ", ".join(sorted(set(pods))) for cookie, pods in names.items()}
+
+
 def _group(group: GroupPlan, view: inspect.DatapathView | None,
-           kernel_note: str | None) -> GroupExplanation:
+           kernel_note: str | None, clients: dict[int, str] | None = None) -> GroupExplanation:
     names = {(r.endpoint.address, r.endpoint.port): r.endpoint.target for r in group.endpoints}
 
     def label(b: Backend) -> str:
@@ -179,6 +199,8 @@ def _group(group: GroupPlan, view: inspect.DatapathView | None,
         intended_tiers=[[label(b) for b in tier] for tier in group.backends.tiers],
         kernel=None,
         kernel_note=kernel_note,
+        session_affinity="ClientIP" if group.backends.affinity else "None",
+        affinity_timeout=group.backends.affinity,
     )
     if view is None:
         return out
@@ -189,14 +211,23 @@ def _group(group: GroupPlan, view: inspect.DatapathView | None,
         return out
     stats = view.stats.get(published.sid, {})
     counters = {t: (s.hits, s.refused) for t, s in sorted(stats.items())}
+    # The entries a connect to this frontend looks up: their key holds its packed key.
+    key = group.frontend.pack()
+    held = []
+    for a in view.affinity:
+        if a.frontend_key == key:
+            entry = inspect.affinity_json(a, published, view.read_at)
+            entry["endpoint"] = label(a.endpoint)
+            entry["client"] = (clients or {}).get(a.netns_cookie)
+            held.append(entry)
     if published.backends is None:
         out.mismatch = "the active set in the maps is incomplete"
         out.kernel = KernelGroup(published.sid, published.set, published.generation, "?", [], [],
-                                 None, counters)
+                                 None, counters, None, held)
         return out
     kb = published.backends
     tiers = kb.tiers[:1] if kb.mode == MODE_STRICT else kb.tiers
-    pick_tier = next((i for i, t in enumerate(tiers) if t), None)
+    pick_tier = inspect.pick_tier(kb)
     out.kernel = KernelGroup(
         sid=published.sid,
         active_set=published.set,
@@ -206,15 +237,23 @@ def _group(group: GroupPlan, view: inspect.DatapathView | None,
         pickable=[label(b) for b in tiers[pick_tier]] if pick_tier is not None else [],
         pick_tier=pick_tier,
         counters=counters,
+        affinity_timeout=kb.affinity,
+        affinity=held,
     )
     if kb != group.backends:
         out.mismatch = (
             f"the maps differ from the intent: kernel tiers "
-            f"{[[str(b) for b in t] for t in kb.tiers]} ({out.kernel.mode}), intent "
+            f"{[[str(b) for b in t] for t in kb.tiers]} ({out.kernel.mode}"
+            f"{_affinity_note(kb.affinity)}), intent "
             f"{[[str(b) for b in t] for t in group.backends.tiers]} "
-            f"({MODE_NAMES.get(group.backends.mode)}); is the agent running and synced?"
+            f"({MODE_NAMES.get(group.backends.mode)}{_affinity_note(group.backends.affinity)}); "
+            "is the agent running and synced?"
         )
     return out
+
+
+def _affinity_note(timeout: int) -> str:
+    return f", session affinity {timeout} s" if timeout else ""
 
 
 def _host_port(address: str, port: int) -> str:
@@ -257,15 +296,28 @@ def render(e: Explanation) -> str:
             for r in rows:
                 lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths,
                                                                           strict=True)).rstrip())
+        if g.affinity_timeout:
+            lines.append(f"  session affinity: ClientIP, timeout {g.affinity_timeout} s (a "
+                         "client network namespace keeps its endpoint while that stays in "
+                         "the best tier)")
+        else:
+            lines.append("  session affinity: None")
         k = g.kernel
         if k is None:
             lines.append(f"  kernel: {g.kernel_note}")
         else:
+            sticky = ("" if k.affinity_timeout is None else
+                      f", session affinity {k.affinity_timeout} s" if k.affinity_timeout else
+                      ", no session affinity")
             lines.append(f"  kernel: sid {k.sid}, active set {k.active_set}, generation "
-                         f"{k.generation}, {k.mode}, endpoints per tier {k.tier_sizes}")
+                         f"{k.generation}, {k.mode}, endpoints per tier {k.tier_sizes}{sticky}")
             if k.pick_tier is None:
                 lines.append(f"  a connect from {e.node} now: refused (ECONNREFUSED), no "
                              "eligible endpoint")
+            elif k.affinity_timeout:
+                lines.append(f"  a connect from {e.node} now picks from tier {k.pick_tier}: "
+                             f"{', '.join(k.pickable)}; a client held to one of them (below) "
+                             "gets it again, any other client one at random")
             else:
                 lines.append(f"  a connect from {e.node} now picks, uniformly, from tier "
                              f"{k.pick_tier}: {', '.join(k.pickable)}")
@@ -273,6 +325,10 @@ def render(e: Explanation) -> str:
                 lines.append("  counters: " + ", ".join(
                     f"tier {t}: {c} connects" + (f", {r} refused" if r else "")
                     for t, (c, r) in k.counters.items()))
+            if k.affinity or k.affinity_timeout:
+                lines.append(f"  session affinity entries ({len(k.affinity)}):")
+                for a in k.affinity:
+                    lines.append("    " + render_affinity(a, frontend=False))
     for w in e.warnings:
         lines.append(f"WARNING: {w}")
     return "\n".join(lines)

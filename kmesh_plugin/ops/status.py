@@ -76,8 +76,10 @@ def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
         if "error" in g:
             lines.append(f"  {g['frontend']}  sid {p.sid}: {g['error']}")
             continue
+        affinity = (f", session affinity {g['affinity_timeout']} s" if g["affinity_timeout"]
+                    else "")
         lines.append(f"  {g['frontend']}  sid {p.sid}, set {p.set}, generation {p.generation}, "
-                     f"{g['mode']}")
+                     f"{g['mode']}{affinity}")
         for tier, members in enumerate(g["tiers"]):
             if members:
                 lines.append(f"    tier {tier}: {', '.join(members)}")
@@ -86,7 +88,28 @@ def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
                          f"{c['refused']} refused")
     lines.append(f"ClusterIPs ({len(view.vips)}): {', '.join(map(str, view.vips)) or '-'}")
     lines += render_pods(view.enrolment, pods)
+    lines.append(f"reverse translations ({len(view.reverse)}): per translated socket and "
+                 "endpoint, what getpeername() and replies show")
+    for r in view.reverse:
+        lines.append(f"  socket cookie {r.socket_cookie}: {r.endpoint} shown as {r.frontend}")
+    lines.append(f"session affinity ({len(view.affinity)}): the endpoint each client network "
+                 "namespace is held to")
+    for a in view.affinity:
+        lines.append("  " + render_affinity(inspect.affinity_json(a, view.published_for(a),
+                                                                   view.read_at)))
     return "\n".join(lines)
+
+
+def render_affinity(a: dict[str, Any], frontend: bool = True) -> str:
+    """One kmesh_affinity entry (inspect.affinity_json) on one line."""
+    idle = "last used in the future" if a["idle_seconds"] is None else (
+        f"idle {a['idle_seconds']:.0f} s")
+    left = "" if a["left_seconds"] is None else f", {a['left_seconds']:.0f} s left"
+    state = a["state"] + (f" ({a['why']})" if a["why"] else "")
+    where = f"{a['frontend']} -> " if frontend else ""
+    client = f" ({a['client']})" if a.get("client") else ""
+    return (f"netns cookie {a['netns_cookie']}{client}: {where}{a['endpoint']}, slot tier "
+            f"{a['tier']} index {a['index']}, {idle}{left}: {state}")
 
 
 def status(cfg: Config) -> dict[str, Any]:
@@ -113,7 +136,10 @@ def status(cfg: Config) -> dict[str, Any]:
                 name: {
                     "entries": view.entries[name],
                     "capacity": view.capacity[name],
-                    "fill": round(view.entries[name] / view.capacity[name], 4),
+                    # Every counted map has a capacity; the guard keeps a foreign pin (a
+                    # map of max_entries 0) from failing the whole status.
+                    "fill": round(view.entries[name] / view.capacity[name], 4)
+                    if view.capacity[name] else 0.0,
                 }
                 for name in sorted(view.capacity)
             },

@@ -487,3 +487,87 @@ def test_protocol_unset_is_tcp() -> None:
     assert svc.ports[0].protocol == "TCP"
     eps = parse_slice(endpoint_slice(ports=[{"name": "http", "port": 80, "protocol": None}]))
     assert eps.ports[0].protocol == "TCP"
+
+
+# -- sessionAffinity (SPEC.md section 8) ----------------------------------------------------
+
+TIMEOUT = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+
+
+def client_ip(timeout: Any) -> dict[str, Any]:
+    return {"clientIP": {"timeoutSeconds": timeout}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "timeout"),
+    [
+        ({}, 0),  # unset is None
+        ({"sessionAffinity": None}, 0),
+        ({"sessionAffinity": ""}, 0),  # as the API server defaults an empty one
+        ({"sessionAffinity": "None"}, 0),
+        ({"sessionAffinity": "ClientIP"}, 10800),  # the API server's default timeout
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": None}, 10800),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {}}, 10800),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {}}}, 10800),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": client_ip(None)}, 10800),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": client_ip(60)}, 60),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": client_ip(1)}, 1),
+        ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": client_ip(86400)}, 86400),
+        # With None the config means nothing (the API server's defaulting drops it): even
+        # one Kubernetes would not accept is ignored, not refused.
+        ({"sessionAffinity": "None", "sessionAffinityConfig": client_ip(60)}, 0),
+        ({"sessionAffinityConfig": client_ip(0)}, 0),
+        ({"sessionAffinityConfig": "oops"}, 0),
+    ],
+)
+def test_session_affinity(spec: dict[str, Any], timeout: int) -> None:
+    assert parse_service(service(**spec)).session_affinity_timeout == timeout
+
+
+def test_the_default_timeout_is_the_datapaths() -> None:
+    from kmesh_plugin.datapath import records
+    from kmesh_plugin.model import objects
+
+    assert objects.DEFAULT_AFFINITY_TIMEOUT == records.DEFAULT_AFFINITY_TIMEOUT == 10800
+
+
+def test_a_timeout_change_is_a_service_change() -> None:
+    # ClusterState keeps the parsed object; the agent replans a Service whose object changed.
+    one = parse_service(service(sessionAffinity="ClientIP", sessionAffinityConfig=client_ip(60)))
+    other = parse_service(service(sessionAffinity="ClientIP", sessionAffinityConfig=client_ip(61)))
+    assert one != other
+    assert one == parse_service(service(sessionAffinity="ClientIP",
+                                        sessionAffinityConfig=client_ip(60)))
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "shown"),
+    [
+        ({"sessionAffinity": "clientip"}, "spec.sessionAffinity", "'clientip'"),
+        ({"sessionAffinity": "Cookie"}, "spec.sessionAffinity", "'Cookie'"),
+        ({"sessionAffinity": 5}, "spec.sessionAffinity", "5"),
+        ({"sessionAffinity": True}, "spec.sessionAffinity", "True"),
+        ({"sessionAffinity": ["ClientIP"]}, "spec.sessionAffinity", "a list of 1 items"),
+        ({"sessionAffinity": DEEP}, "spec.sessionAffinity", "a list of 1 items"),
+        ({"sessionAffinity": "x" * 100_000}, "spec.sessionAffinity", "'" + "x" * 64 + "'..."),
+        ({"sessionAffinityConfig": client_ip(0)}, TIMEOUT, "0"),
+        ({"sessionAffinityConfig": client_ip(-1)}, TIMEOUT, "-1"),
+        ({"sessionAffinityConfig": client_ip(86401)}, TIMEOUT, "86401"),
+        ({"sessionAffinityConfig": client_ip("60")}, TIMEOUT, "'60'"),
+        ({"sessionAffinityConfig": client_ip(60.0)}, TIMEOUT, "60.0"),
+        ({"sessionAffinityConfig": client_ip(True)}, TIMEOUT, "True"),
+        ({"sessionAffinityConfig": client_ip(HUGE)}, TIMEOUT, "an integer of"),
+        ({"sessionAffinityConfig": client_ip(DEEP)}, TIMEOUT, "a list of 1 items"),
+        ({"sessionAffinityConfig": client_ip({"seconds": 60})}, TIMEOUT, "a mapping"),
+        ({"sessionAffinityConfig": "oops"}, TIMEOUT, "non-mapping"),
+        ({"sessionAffinityConfig": {"clientIP": 60}}, TIMEOUT, "non-mapping"),
+    ],
+)
+def test_session_affinity_errors_name_the_field(spec: dict[str, Any], field: str,
+                                                shown: str) -> None:
+    if field == TIMEOUT:
+        spec = {"sessionAffinity": "ClientIP", **spec}
+    message = _error(service(**spec))
+    assert message.startswith(f"Service sample/helloworld: {field}: "), message
+    assert shown in message
+    assert len(message) < 200

@@ -684,6 +684,82 @@ def test_backend_set_strict_ignores_other_tiers() -> None:
     assert [r.tier for r in rows] == [None, 0]
 
 
+# -- sessionAffinity (SPEC.md section 8) ---------------------------------------------------
+
+
+def test_client_ip_sets_carry_the_timeout(planner: Planner) -> None:
+    state = seed_cluster(trafficDistribution="PreferClose", sessionAffinity="ClientIP",
+                         sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    group = only_group(planner.plan_service(state, SVC))
+    assert group.backends.affinity == 60
+    assert group.backends == BackendSet(
+        MODE_FAILOVER, ((b(EP1),), (b(EP2),), (b(EP3),), (), ()), affinity=60
+    )
+    # The explanations are unchanged by it.
+    assert [(r.endpoint.address, r.tier, r.note) for r in group.endpoints] == [
+        (EP1, 0, "tier 0"), (EP2, 1, "tier 1"), (EP3, 2, "tier 2"),
+    ]
+
+
+def test_client_ip_default_timeout_and_none(planner: Planner) -> None:
+    state = seed_cluster(sessionAffinity="ClientIP")
+    assert only_group(planner.plan_service(state, SVC)).backends.affinity == 10800
+    for spec in ({}, {"sessionAffinity": "None"}):
+        group = only_group(planner.plan_service(seed_cluster(**spec), SVC))
+        assert group.backends.affinity == 0
+        assert group.backends == BackendSet(MODE_RANDOM, ((b(EP1), b(EP2), b(EP3)),))
+
+
+def test_a_timeout_change_changes_the_set(planner: Planner) -> None:
+    # The writer republishes a set that differs: a new timeout reaches the record.
+    state = seed_cluster(sessionAffinity="ClientIP")
+    before = only_group(planner.plan_service(state, SVC)).backends
+    state.apply(events([service(sessionAffinity="ClientIP",
+                                sessionAffinityConfig={"clientIP": {"timeoutSeconds": 5}})]))
+    after = only_group(planner.plan_service(state, SVC)).backends
+    assert after.tiers == before.tiers and (before.affinity, after.affinity) == (10800, 5)
+    assert after != before
+    state.apply(events([service()]))
+    assert only_group(planner.plan_service(state, SVC)).backends.affinity == 0
+
+
+def test_dual_stack_client_ip_groups_all_carry_the_timeout(planner: Planner) -> None:
+    state = cluster(
+        *seed_nodes(),
+        service(cluster_ips=(CLUSTER_IP, "fd00::10"), sessionAffinity="ClientIP",
+                ports=({"name": "http", "port": 5000},
+                       {"name": "dns", "port": 53, "protocol": "UDP"})),
+    )
+    plan = planner.plan_service(state, SVC)
+    assert plan is not None and len(plan.groups) == 4
+    assert {g.backends.affinity for g in plan.groups} == {10800}
+
+
+def test_backend_set_with_affinity_sorts_tiers_and_rows_follow_the_ranking() -> None:
+    strategy = Strategy("X", Mode.FAILOVER, (Scope.ZONE,))
+    svc = parse(service(sessionAffinity="ClientIP",
+                        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}}))
+    assert isinstance(svc, Service)
+    # A plugin may rank endpoints in any order; the set sorts each tier (the program
+    # binary-searches a client's endpoint), the explanations keep the ranked order.
+    ranked = [(_info("198.19.0.9"), 0), (_info("198.19.0.3"), 1), (_info("198.19.0.1"), 0),
+              (_info("198.19.0.2", ready=False), 0), (_info("198.19.0.5"), 1)]
+    backends, rows = backend_set(strategy, ranked, svc)
+    assert backends.affinity == 30
+    assert backends.tiers == ((b("198.19.0.1", 80), b("198.19.0.9", 80)),
+                              (b("198.19.0.3", 80), b("198.19.0.5", 80)))
+    assert [(r.endpoint.address, r.tier, r.note) for r in rows] == [
+        ("198.19.0.9", 0, "tier 0"), ("198.19.0.3", 1, "tier 1"), ("198.19.0.1", 0, "tier 0"),
+        ("198.19.0.2", None, "not ready"), ("198.19.0.5", 1, "tier 1"),
+    ]
+    # The same ranking without affinity keeps the ranked order in each tier.
+    plain, _ = backend_set(strategy, ranked, parse(service()))  # type: ignore[arg-type]
+    assert plain.affinity == 0
+    assert plain.tiers[0] == (b("198.19.0.9", 80), b("198.19.0.1", 80))
+    fast, none = backend_set(strategy, ranked, svc, detail=False)
+    assert fast == backends and none == []
+
+
 # -- third-party ranking --------------------------------------------------------------------
 
 
