@@ -545,7 +545,7 @@ class Lab:
             raise ApiError(422, str(e), "Invalid") from None
 
     def _admit_service(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        from kmesh_plugin.model.objects import parse
+        from kmesh_plugin.model.objects import DEFAULT_AFFINITY_TIMEOUT, parse
 
         meta = obj["metadata"]
         spec = obj.setdefault("spec", {})
@@ -560,7 +560,21 @@ class Lab:
                 port.setdefault("protocol", "TCP")
                 port.setdefault("targetPort", port.get("port"))
         spec.setdefault("type", "ClusterIP")
-        spec.setdefault("sessionAffinity", "None")
+        # SetDefaults_Service: sessionAffinity None drops its config; ClientIP without a
+        # timeout gets the default one (a config of the wrong shape is left for parse to
+        # refuse, with the field named).
+        if spec.get("sessionAffinity") in (None, ""):
+            spec["sessionAffinity"] = "None"
+        if spec["sessionAffinity"] == "None":
+            spec.pop("sessionAffinityConfig", None)
+        elif spec["sessionAffinity"] == "ClientIP":
+            config = spec.get("sessionAffinityConfig")
+            client_ip = config.get("clientIP") if isinstance(config, dict) else None
+            if config is None or (isinstance(config, dict) and client_ip is None):
+                spec["sessionAffinityConfig"] = {
+                    "clientIP": {"timeoutSeconds": DEFAULT_AFFINITY_TIMEOUT}}
+            elif isinstance(client_ip, dict) and client_ip.get("timeoutSeconds") is None:
+                client_ip["timeoutSeconds"] = DEFAULT_AFFINITY_TIMEOUT
         self.cluster_ips.assign(obj, (meta["namespace"], meta["name"]))
         parse(obj, "lab")  # the agents will parse it too: reject it here with the same words
 
@@ -829,6 +843,11 @@ class Lab:
                 argv = [*WORKLOADS, "helloworld", "--port", str(port),
                         "--version", c.env.get("SERVICE_VERSION", "v1"), "--instance", spec.name]
                 stdin = subprocess.DEVNULL
+            elif c.kind == "dns":
+                udp = [p for p in c.ports if str(p.get("protocol", "TCP")).upper() == "UDP"]
+                port = int(udp[0]["containerPort"]) if udp else 53
+                argv = [*WORKLOADS, "dns", "--port", str(port), "--instance", spec.name]
+                stdin = subprocess.DEVNULL
             else:
                 argv = [*WORKLOADS, "client", "--hosts", str(self.state / "hosts"),
                         "--search", kube.search_domains(spec.namespace)]
@@ -935,11 +954,13 @@ class Lab:
 
     def request(self, namespace: str, deployment: str | None, url: str, count: int = 1,
                 timeout: float = 2.0, pod_name: str | None = None,
-                family: int | None = None) -> list[dict[str, Any]]:
+                family: int | None = None, endpoint: bool = False) -> list[dict[str, Any]]:
         """``count`` GETs, each on a new connection. ``family`` 6 resolves names to the
-        Service's IPv6 ClusterIP (default: the first, IPv4 for a dual-stack Service)."""
+        Service's IPv6 ClusterIP (default: the first, IPv4 for a dual-stack Service);
+        ``endpoint``: each result names the endpoint the connection reached."""
         pod = self.client_pod(namespace, deployment, pod_name)
-        command: dict[str, Any] = {"op": "get", "url": url, "count": count, "timeout": timeout}
+        command: dict[str, Any] = {"op": "get", "url": url, "count": count, "timeout": timeout,
+                                   "endpoint": endpoint}
         if family is not None:
             command["family"] = family
         return self.call(pod, command)["results"]

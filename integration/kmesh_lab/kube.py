@@ -28,6 +28,7 @@ CLUSTER_DOMAIN = "cluster.local"
 
 HELLOWORLD_IMAGE = "docker.io/istio/examples-helloworld-v1"
 CURL_IMAGE = "curlimages/curl"
+DNS_IMAGE = "registry.k8s.io/coredns/coredns"
 SUPPORTED_KINDS = ("Namespace", "Service", "Deployment", "Pod", "EndpointSlice")
 
 
@@ -36,7 +37,8 @@ class LabError(KmeshError):
 
 
 def image_kind(image: str, where: str) -> str:
-    """'helloworld' or 'curl' for the images the lab can run; anything else is an error."""
+    """'helloworld', 'curl' or 'dns' for the images the lab can run; anything else is an
+    error."""
     name = image.split("@", 1)[0]  # drop a digest
     if ":" in name.rsplit("/", 1)[-1]:
         name = name[: name.rfind(":")]  # drop a tag (a ':' before the last '/' is a port)
@@ -45,9 +47,12 @@ def image_kind(image: str, where: str) -> str:
         return "helloworld"
     if repo == "curlimages/curl":
         return "curl"
+    if repo in ("coredns/coredns", DNS_IMAGE):
+        return "dns"
     raise LabError(
         f"{where}: image {image!r} cannot run in the lab; it runs {HELLOWORLD_IMAGE} "
-        f"(a built-in server answering GET /hello) and {CURL_IMAGE} (a client)"
+        f"(a built-in server answering GET /hello), {CURL_IMAGE} (a client) and {DNS_IMAGE} "
+        "(a built-in UDP server answering a DNS TXT query with its pod's name)"
     )
 
 
@@ -68,7 +73,7 @@ def object_ref(obj: Mapping[str, Any], namespace: str | None) -> tuple[str, str,
 @dataclass
 class Container:
     name: str
-    kind: str  # helloworld | curl
+    kind: str  # helloworld | curl | dns
     env: dict[str, str]
     ports: list[dict[str, Any]]  # containerPort, name, protocol
 

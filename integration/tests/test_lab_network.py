@@ -208,14 +208,15 @@ def test_client_pod_gets_exact_body_from_server_pod(lab: MiniLab) -> None:
         handle.write(f"# lab services\n{server.ipv4} helloworld.default.svc.cluster.local\n")
     client = lab.client("b", "node-b")
 
-    reply = client.ask({"op": "get", "url": "http://helloworld:5000/hello", "count": 3})
+    reply = client.ask({"op": "get", "url": "http://helloworld:5000/hello", "count": 3,
+                        "endpoint": True})
 
     body = f"Hello version: v1, instance: {lab.id}-a\n"
     assert [r["body"] for r in reply["results"]] == [body] * 3, reply
     for result in reply["results"]:
         assert result["ok"] and result["errno"] is None
         assert (result["version"], result["instance"]) == ("v1", f"{lab.id}-a")
-        assert result["peer"] == f"{server.ipv4}:5000"
+        assert result["peer"] == result["endpoint"] == f"{server.ipv4}:5000"
         assert 0 <= result["connect_ms"] <= result["total_ms"]
     # Each pod process is in its node's cgroup and its pod's network namespace, and shares our
     # mount namespace (no /sys remount, bpffs and cgroups stay visible).

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmesh_lab import scenario
 from kmesh_lab.cluster import Lab
+from kmesh_plugin.datapath import loader
 
 pytestmark = pytest.mark.lab
 
@@ -76,7 +77,7 @@ def test_explain_and_metrics_follow_the_seed_step_by_step(
             runner.run_step(lab, step, record)
             continue
         tiers, pick_tier = want.pop(0)
-        results = lab.request("sample", "sleep", URL, step.body["count"])
+        results = lab.request("sample", "sleep", URL, step.body["count"], endpoint=True)
         assert all(r["ok"] for r in results)
 
         expl = lab.explain("helloworld", "sample", CLIENT).to_json()
@@ -88,7 +89,7 @@ def test_explain_and_metrics_follow_the_seed_step_by_step(
         (group,) = expl["groups"]
         kernel = group["kernel"]
         assert kernel["pick_tier"] == pick_tier
-        answered = {f"{r['peer']} ({r['instance']})" for r in results}
+        answered = {f"{r['endpoint']} ({r['instance']})" for r in results}
         assert answered <= set(kernel["pickable"])  # only pickable instances answered
         assert len(answered) == len(kernel["pickable"])  # and every one of them did
         assert expl["warnings"] == []  # maps and intent agree
@@ -152,9 +153,9 @@ def test_status_and_dump_of_a_healthy_node(seed_lab: tuple[Lab, list[scenario.St
     assert set(source["resources"]) == {"nodes", "namespaces", "services", "endpointslices"}
     assert all(r["state"] == "watching" and r["synced"] for r in source["resources"].values())
     assert st["agent"]["warnings"] == []
-    assert [link["name"] for link in st["datapath"]["links"]] == ["kmesh_connect4",
-                                                                  "kmesh_connect6"]
-    assert all(link["prog_name"] == link["name"] for link in st["datapath"]["links"])
+    assert [link["name"] for link in st["datapath"]["links"]] == list(loader.PROGRAMS)
+    # The kernel keeps 15 characters of a program's name.
+    assert all(link["prog_name"] == link["name"][:15] for link in st["datapath"]["links"])
     maps = st["datapath"]["maps"]
     assert maps["kmesh_frontends"]["entries"] == 1  # one Service port, one family
     assert maps["kmesh_slots"]["capacity"] == 8192
