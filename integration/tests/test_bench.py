@@ -46,6 +46,27 @@ def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
     assert all(c["ns_per_run"] and 20 < c["ns_per_run"] < 5000 and not c["errors"]
                for c in costs), costs
 
+    u = results["udp"]
+    assert {(r["n"], r["path"]) for r in u["request"]} == {
+        (n, p) for n in (1, 100) for p in ("direct", "bpf")}
+    for r in u["request"]:
+        # No "wrong_peer": every echo through the ClusterIP came back from the ClusterIP.
+        assert r["rate"] > 500 and r["errors"] == {}, r
+    assert {(c["n"], c["program"]) for c in u["program_cost"]} == {
+        (n, f"{p}{f}") for n in (1, 100) for p in ("sendmsg", "recvmsg", "getpeername")
+        for f in (4, 6)}
+    assert all(c["ns_per_run"] and 10 < c["ns_per_run"] < 20000 and not c["errors"]
+               for c in u["program_cost"]), u["program_cost"]
+    aff = results["affinity"]
+    assert [a["n"] for a in aff["connect"]] == [1, 100]
+    for a in aff["connect"]:
+        assert {r["path"] for r in a["rows"]} == {"direct", "no-affinity", "affinity"}
+        assert all(r["rate"] > 1000 and r["errors"] == {} for r in a["rows"]), a
+        # The affinity runs kept the bpf pod on its endpoint: its entry was used just now.
+        assert a["entry"]["endpoint"].endswith(":8080") and a["entry"]["age_s"] < 30, a
+    assert {(c["n"], c["mode"]) for c in aff["program_cost"]} == {
+        (n, m) for n in (1, 100) for m in ("random", "random+affinity")}
+
     ctl = results["control"]
     (sync,) = ctl["full_sync"]
     assert sync["groups"] == 200 and sync["endpoints"] == 1000
@@ -61,12 +82,15 @@ def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
     assert api["relist"]["failed_connects"] == 0 and api["relist"]["connects"] > 1000
 
     targets = {t["target"]: t for t in results["targets"]}
-    assert set(targets) == {"connect_ratio", "program_cost", "api_sync_time", "api_sync_rss",
+    assert set(targets) == {"connect_ratio", "program_cost", "udp_rr_ratio",
+                            "affinity_connect_ratio", "api_sync_time", "api_sync_rss",
                             "api_change_p99", "api_relist_failures", "recompute_failures"}
+    assert targets["udp_rr_ratio"]["value"] and targets["affinity_connect_ratio"]["value"]
     assert targets["recompute_failures"]["pass"] is True
     assert targets["api_relist_failures"]["pass"] is True
     # The quick run has no 100,000-endpoint sync: that target is not judged on a smaller one.
     assert targets["api_sync_time"]["value"] is None
     summary = (out / "summary.md").read_text()
     assert "| translated connect rate >= 0.97x direct at every N |" in summary
+    assert "**UDP request/response**" in summary and "**sessionAffinity**" in summary
     assert (out / "datapath.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -261,7 +261,7 @@ def test_pinned_maps_of_other_capacities_are_refused(
         loader.attach(pin_dir, cgroup, Capacities(64, 2048), build_dir)
     # The running datapath is untouched by the refused attach.
     links = list((pin_dir / "links").iterdir())
-    assert len(links) == len(loader.PROGRAMS) == 8
+    assert len(links) == len(loader.PROGRAMS) == 9
     for link in links:
         fd = syscall.obj_get(link)
         try:

@@ -2,6 +2,11 @@
 
 Writes results.json, summary.md and datapath.png to --out and prints the tables. --quick is a
 small, fast run (also what the test suite runs) that exercises every measurement.
+
+Suites (--only/--skip): datapath (TCP connect and request/response through each load balancer
+at --ns, connect4/6 cost), udp (UDP request/response through sendmsg/recvmsg vs direct at
+--udp-ns, cost of sendmsg4/6, recvmsg4/6, getpeername4/6), affinity (connect rate of one Service
+with sessionAffinity ClientIP vs without at --udp-ns, connect4 cost of both), control, cni.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kmesh_lab.bench import cni, control, datapath, report
+from kmesh_lab.bench import cni, control, datapath, report, udp
 from kmesh_lab.bench.topology import BenchNet, build_loadgen
 from kmesh_plugin.datapath.build import Capacities
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SUITES = ("datapath", "udp", "affinity", "control", "cni")
+NET_SUITES = {"datapath", "udp", "affinity", "control"}  # those that run in the BenchNet
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kmesh_lab.bench", description=__doc__)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="small N, short windows, one round")
-    p.add_argument("--ns", default="1,1000,10000,100000", help="numbers of Services")
+    p.add_argument("--ns", default="1,1000,10000,100000",
+                   help="numbers of Services (datapath suite)")
+    p.add_argument("--udp-ns", default="1,10000",
+                   help="numbers of Services (udp and affinity suites)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--window", type=float, default=1.0, help="seconds per measured run")
     p.add_argument("--threads", type=int, default=0,
@@ -32,13 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sync", default="10000x10,1000x100", help="full-sync shapes SxE")
     p.add_argument("--changes", type=int, default=200, help="single-change samples")
     p.add_argument("--relabel", default="10000x10", help="relabel shape SxE")
-    p.add_argument("--skip", default="", help="comma list: datapath,control,cni")
+    p.add_argument("--skip", default="", help="comma list: " + ",".join(SUITES))
     p.add_argument("--only", default="", help="comma list: run only these suites")
     p.add_argument("--cni-pods", type=int, default=200, help="pods of the CNI benchmark")
     p.add_argument("--build-dir", type=Path, default=Path("/var/cache/kmesh-plugin"))
     args = p.parse_args(argv)
     if args.quick:
         args.ns, args.rounds, args.window = "1,100", 1, 0.3
+        args.udp_ns = "1,100"
         args.sync, args.changes, args.relabel = "200x5", 20, "200x5"
         args.cni_pods = min(args.cni_pods, 20)
     return args
@@ -52,23 +63,37 @@ def shape(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ns = [int(x) for x in args.ns.split(",") if x]
+    udp_ns = [int(x) for x in args.udp_ns.split(",") if x]
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
+    unknown = (skip | only) - set(SUITES)
+    if unknown:
+        print(f"unknown suite(s): {', '.join(sorted(unknown))}; the suites: {', '.join(SUITES)}",
+              file=sys.stderr)
+        return 2
     if only:
-        skip |= {"datapath", "control", "cni"} - only
+        skip |= set(SUITES) - only
     results: dict[str, Any] = {
         "command": "python -m kmesh_lab.bench " + shlex.join(argv or sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": report.machine(),
-        "settings": {"ns": ns, "rounds": args.rounds, "window": args.window},
+        "settings": {"ns": ns, "udp_ns": udp_ns, "rounds": args.rounds, "window": args.window},
     }
-    if {"datapath", "control"} - skip:
+    if NET_SUITES - skip:
         loadgen = build_loadgen(args.build_dir)
-        caps = Capacities(max_services=max(1024, 2 * max(ns)),
-                          max_endpoints=max(8192, 4 * max(ns)))
+        sizes = (ns if "datapath" not in skip else []) + (
+            udp_ns if {"udp", "affinity"} - skip else []) or [1]
+        caps = Capacities(max_services=max(1024, 2 * max(sizes)),
+                          max_endpoints=max(8192, 4 * max(sizes)))
         with BenchNet(loadgen, args.build_dir, caps) as net:
             if "datapath" not in skip:
                 results["datapath"] = run_datapath(net, args, ns)
+            if "udp" not in skip:
+                results["udp"] = run_udp(net, args, udp_ns)
+            if "affinity" not in skip:
+                threads = (results.get("datapath") or {}).get("threads") or args.threads or \
+                    pick_threads(net, args)
+                results["affinity"] = run_affinity(net, args, udp_ns, threads)
             if "control" not in skip:
                 results["control"] = run_control(net, args)
     if "cni" not in skip:
@@ -81,13 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def saturating(sat: list[dict[str, Any]]) -> int:
+    """The fewest client threads within 5% of the best direct-path rate."""
+    return next(s["threads"] for s in sat if s["rate"] >= 0.95 * max(x["rate"] for x in sat))
+
+
+def pick_threads(net: BenchNet, args: argparse.Namespace) -> int:
+    print("saturation of the direct path by client threads")
+    sat = datapath.saturation(net, args.window)
+    for s in sat:
+        print(f"  {s['threads']} thread(s): {s['rate']:,.0f} conn/s")
+    threads = saturating(sat)
+    print(f"  measuring with {threads} client thread(s)")
+    return threads
+
+
 def run_datapath(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict[str, Any]:
     print("datapath: saturation of the direct path by client threads")
     sat = datapath.saturation(net, args.window)
     for s in sat:
         print(f"  {s['threads']} thread(s): {s['rate']:,.0f} conn/s")
-    threads = args.threads or next(
-        s["threads"] for s in sat if s["rate"] >= 0.95 * max(x["rate"] for x in sat))
+    threads = args.threads or saturating(sat)
     print(f"  measuring with {threads} client thread(s)")
     datapath.route_vips(net)
     out: dict[str, Any] = {"saturation": sat, "threads": threads, "connect": [], "request": [],
@@ -109,6 +148,57 @@ def run_datapath(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict
         for c in cost:
             print(f"  cost {c['program']} {c['mode']:<8} {c['ns_per_run']:.0f} ns/run "
                   f"({c['runs']} runs)")
+    return out
+
+
+def _row(r: dict[str, Any], unit: str) -> str:
+    return (f"{r['rate']:>10,.0f} {unit}  x{r['ratio_to_direct']:.3f}  p50 {r['p50_us']:7.1f} us"
+            f"  p99 {r['p99_us']:7.1f} us  errors {r['errors'] or '-'}")
+
+
+def _cost_line(c: dict[str, Any]) -> str:
+    ns = f"{c['ns_per_run']:.0f}" if c["ns_per_run"] else "-"
+    return (f"  cost {c['program']:<12} {c['mode']:<16} {ns} ns/run ({c['runs']} runs"
+            f"{', errors ' + str(c['errors']) if c['errors'] else ''})")
+
+
+def run_udp(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {"threads": 1, "block_s": udp.UDP_BLOCK, "request": [],
+                           "program_cost": [], "programming_seconds": {}}
+    for n in ns:
+        print(f"udp: N={n} UDP Services")
+        programmed = udp.program_udp(net, n)
+        out["programming_seconds"][str(n)] = programmed.seconds
+        for s in udp.measure_udp(net, programmed, rounds=args.rounds, window=args.window):
+            out["request"].append(s)
+            print(f"  udp {s['path']:<9} {_row(s, 'rr/s')}  (runs' totals "
+                  f"x{s['ratio_of_rounds']:.3f}, {s['pairs']} block pairs)")
+        cost = udp.udp_program_cost(net, programmed, window=args.window, threads=1,
+                                    repeats=1 if args.quick else 5)
+        out["program_cost"] += cost
+        for c in cost:
+            print(_cost_line(c))
+    return out
+
+
+def run_affinity(net: BenchNet, args: argparse.Namespace, ns: list[int],
+                 threads: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"threads": threads, "connect": [], "program_cost": []}
+    for n in ns:
+        print(f"affinity: N={n} TCP Services, {threads} client thread(s)")
+        run = udp.program_affinity(net, n)
+        m = udp.measure_affinity(net, run, rounds=args.rounds, window=args.window,
+                                 threads=threads)
+        out["connect"].append(m)
+        for s in m["rows"]:
+            print(f"  cc {s['path']:<11} {_row(s, 'conn/s')}")
+        print(f"  affinity / no-affinity (paired): x{m['ratio_to_no_affinity']:.3f}; "
+              f"entry {m['entry']}")
+        cost = udp.affinity_program_cost(net, run, window=args.window, threads=1,
+                                         repeats=1 if args.quick else 5)
+        out["program_cost"] += cost
+        for c in cost:
+            print(_cost_line(c))
     return out
 
 

@@ -14,7 +14,7 @@ import random
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,14 +135,22 @@ class PathResult:
             "p50_us": statistics.median(self.p50_us),
             "p99_us": statistics.median(self.p99_us),
             "errors": self.errors, "rounds": len(self.rates),
+            "rates": self.rates, "ratios": self.ratios,
         }
 
 
 def measure(net: BenchNet, programmed: Programmed, *, mode: str, rounds: int, window: float,
-            threads: int, seed: int = 1) -> list[PathResult]:
-    """Interleaved rounds over the programmed paths; the order is shuffled every round."""
+            threads: int, seed: int = 1, paths: Sequence[str] | None = None,
+            client_of: Mapping[str, str] | None = None,
+            prepare: Callable[[str], None] | None = None) -> list[PathResult]:
+    """Interleaved rounds over the programmed paths; the order is shuffled every round.
+
+    ``paths`` (default: those of PATHS that are programmed) must include "direct", the
+    baseline; ``client_of`` adds paths' client pods to CLIENT_OF; ``prepare(path)`` runs
+    before each run of a path, outside its window (udp.py republishes a Service there)."""
     rng = random.Random(seed)
-    paths = [p for p in PATHS if p in programmed.targets]
+    paths = list(paths) if paths is not None else [p for p in PATHS if p in programmed.targets]
+    clients = {**CLIENT_OF, **(client_of or {})}
     results = {p: PathResult(p, programmed.n, mode) for p in paths}
     for _ in range(rounds):
         order = paths[:]
@@ -150,7 +158,9 @@ def measure(net: BenchNet, programmed: Programmed, *, mode: str, rounds: int, wi
         this_round = {}
         for path in order:
             address, port = programmed.targets[path]
-            client = CLIENT_OF[path]
+            client = clients[path]
+            if prepare is not None:
+                prepare(path)
             run = net.client(client, address, port, mode, window, threads)
             if client in ("iptables", "nftables"):
                 net.flush_conntrack(client)

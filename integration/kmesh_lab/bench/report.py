@@ -12,6 +12,9 @@ from typing import Any
 TARGETS_DOC = {
     "connect_ratio": "translated connect rate >= 0.97x direct at every N",
     "program_cost": "program cost <= 200 ns per connect (connect4/6, every mode and N)",
+    "udp_rr_ratio": "UDP request/response via sendmsg/recvmsg >= 0.97x direct at every N",
+    "affinity_connect_ratio": "connect rate with sessionAffinity ClientIP >= 0.95x without, "
+                              "at every N",
     "api_sync_time": "API path: full sync of 10,000 Services x 10 endpoints, list to maps <= 3 s",
     "api_sync_rss": "API path: that full sync within 250 MB agent RSS",
     "api_change_p99": "API path: one endpoint change, watch event to live map entry: p99 <= 10 ms",
@@ -93,6 +96,17 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     costs = [c["ns_per_run"] for c in dp.get("program_cost") or [] if c["ns_per_run"]]
     add("program_cost", max(costs) if costs else None, 200.0, False, " ns",
         "the highest over connect4/connect6, modes and N")
+    udp_rows = (results.get("udp") or {}).get("request") or []
+    ratios = [(r["ratio_to_direct"], r["n"]) for r in udp_rows if r["path"] == "bpf"]
+    worst = min(ratios) if ratios else None
+    add("udp_rr_ratio", worst[0] if worst else None, 0.97, True, "x",
+        f"median of paired blocks; worst at N={worst[1]}" if worst else "")
+    aff = (results.get("affinity") or {}).get("connect") or []
+    ratios = [(a["ratio_to_no_affinity"], a["n"]) for a in aff
+              if a["ratio_to_no_affinity"] is not None]
+    worst = min(ratios) if ratios else None
+    add("affinity_connect_ratio", worst[0] if worst else None, 0.95, True, "x",
+        f"same Service, paired per round; worst at N={worst[1]}" if worst else "")
     ctl = results.get("control") or {}
     api = ctl.get("api") or {}
     syncs = [s for s in api.get("full_sync") or [] if s["endpoints"] >= 100000]
@@ -146,6 +160,7 @@ def table(results: dict[str, Any]) -> str:
                           (n, mode, prog)), None)
                 cells.append(f"{c['ns_per_run']:.0f}" if c and c["ns_per_run"] else "-")
             lines.append(f"| {n} | {mode} | {cells[0]} | {cells[1]} |")
+    lines += udp_tables(results)
     ctl = results.get("control") or {}
     api = ctl.get("api") or {}
     if api.get("full_sync"):
@@ -178,6 +193,64 @@ def table(results: dict[str, Any]) -> str:
                          f"{s['reconcile_seconds']:.2f} | {s['ready_seconds']:.2f} | "
                          f"{s['map_ops_per_second']:,.0f} | {s['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k}:{v}" for k, v in errors.items()) or "-"
+
+
+def udp_tables(results: dict[str, Any]) -> list[str]:
+    """Markdown of the udp and affinity suites: rates, ratios, program cost."""
+    lines: list[str] = []
+    settings = results.get("settings") or {}
+    u = results.get("udp") or {}
+    rows = u.get("request") or []
+    if rows:
+        block_ms = (u.get("block_s") or 0) * 1000
+        lines += ["", f"**UDP request/response**: unconnected sendto(ClusterIP) + recvfrom vs "
+                  f"sendto(pod IP), one thread alternating {block_ms:.0f} ms blocks between a "
+                  f"socket of each pod ({rows[0]['rounds']} runs of "
+                  f"{settings.get('window', '?')} s; rates: median of the runs)", "",
+                  "| N Services | path | round trips/s | vs direct (median of block pairs) | "
+                  "vs direct (median of runs) | p50 us | p99 us | errors |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        for r in sorted(rows, key=lambda r: (r["n"], ORDER.index(r["path"]))):
+            runs = r.get("ratio_of_rounds")
+            lines.append(f"| {r['n']} | {r['path']} | {r['rate']:,.0f} | "
+                         f"{r['ratio_to_direct']:.3f} | "
+                         f"{'-' if runs is None else f'{runs:.3f}'} | {r['p50_us']:.1f} | "
+                         f"{r['p99_us']:.1f} | {_errors(r['errors'])} |")
+    a = results.get("affinity") or {}
+    runs = a.get("connect") or []
+    if runs:
+        rounds = runs[0]["rows"][0]["rounds"]
+        lines += ["", f"**sessionAffinity**: TCP connect + close to one Service published with "
+                  f"affinity=10800 s and with affinity=0, {a['threads']} client thread(s) "
+                  f"(median of {rounds} interleaved rounds)", "",
+                  "| N Services | path | conn/s | vs direct (paired) | vs no-affinity (paired) "
+                  "| p50 us | p99 us | errors |", "|---:|---|---:|---:|---:|---:|---:|---|"]
+        for run in runs:
+            for r in run["rows"]:
+                versus = (f"{run['ratio_to_no_affinity']:.3f}" if r["path"] == "affinity"
+                          else "1.000" if r["path"] == "no-affinity" else "")
+                lines.append(f"| {run['n']} | {r['path']} | {r['rate']:,.0f} | "
+                             f"{r['ratio_to_direct']:.3f} | {versus} | {r['p50_us']:.1f} | "
+                             f"{r['p99_us']:.1f} | {_errors(r['errors'])} |")
+    costs = (u.get("program_cost") or []) + (a.get("program_cost") or [])
+    if costs:
+        lines += ["", "**eBPF program cost, UDP, getpeername and affinity** "
+                  "(kernel.bpf_stats_enabled: run_time_ns / run_cnt, median of the windows)", "",
+                  "| N Services | program | Service | load | ns/run | runs |",
+                  "|---:|---|---|---|---:|---:|"]
+        for c in sorted(costs, key=lambda c: (c["n"], c["program"], c["mode"])):
+            ns = f"{c['ns_per_run']:.0f}" if c["ns_per_run"] else "-"
+            lines.append(f"| {c['n']} | {c['program']} | {c['mode']} | {LOADS[c['load']]} | "
+                         f"{ns} | {c['runs']:,} |")
+    return lines
+
+
+LOADS = {"udp": "sendto + recvfrom", "peer": "getpeername() of a connected socket",
+         "cc": "connect + close"}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -1,6 +1,6 @@
 """The benchmark's network: one backend pod and one client pod per datapath, on the lab fabric.
 
-    server   runs `loadgen server` on 198.18.1.x:8080 and [2001:2::x]:8080
+    server   runs `loadgen server` on 198.18.1.x:8080 and [2001:2::x]:8080, TCP and UDP echo
     direct   connects to the server's pod IP: no load balancer at all (the limit)
     bpf      in the kmesh cgroup: connects to ClusterIPs the eBPF program translates
     iptables holds kube-proxy's iptables-mode nat rules (its own netns: its own conntrack)
@@ -145,6 +145,25 @@ class BenchNet:
         self.processes.remove(proc)
         if proc.returncode != 0:
             raise RuntimeError(f"loadgen client in {client}: exit {proc.returncode}")
+        return json.loads(out)
+
+    def pair(self, client_a: str, target_a: tuple[str, int], client_b: str,
+             target_b: tuple[str, int], mode: str, seconds: float,
+             block: float) -> dict[str, Any]:
+        """One `loadgen pair` run: socket A in ``client_a``'s pod and cgroup, socket B in
+        ``client_b``'s, alternating blocks of ``block`` seconds; its JSON report."""
+        b = self.pods[client_b]
+        proc = procs.spawn(
+            [str(self.loadgen), "pair", mode, str(max(1, int(seconds * 1000))),
+             str(max(1, int(block * 1000))), target_a[0], str(target_a[1]), target_b[0],
+             str(target_b[1]), b.netns_path, str(self.cgroup_of(client_b))],
+            netns=self.pods[client_a].netns_path, cgroup=str(self.cgroup_of(client_a)),
+        )
+        self.processes.append(proc)
+        out, _ = proc.communicate(timeout=seconds + 60)
+        self.processes.remove(proc)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loadgen pair {client_a}/{client_b}: exit {proc.returncode}")
         return json.loads(out)
 
     def flush_conntrack(self, client: str) -> None:
