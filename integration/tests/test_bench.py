@@ -64,8 +64,10 @@ def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
         assert all(r["rate"] > 1000 and r["errors"] == {} for r in a["rows"]), a
         # The affinity runs kept the bpf pod on its endpoint: its entry was used just now.
         assert a["entry"]["endpoint"].endswith(":8080") and a["entry"]["age_s"] < 30, a
-    assert {(c["n"], c["mode"]) for c in aff["program_cost"]} == {
-        (n, m) for n in (1, 100) for m in ("random", "random+affinity")}
+    assert {(c["n"], c["mode"], c["program"]) for c in aff["program_cost"]} == {
+        (n, m, p) for n in (1, 100) for m in ("random", "random+affinity")
+        for p in ("connect4", "release")}
+    assert all(c["ns_per_run"] and 10 < c["ns_per_run"] < 20000 for c in aff["program_cost"])
 
     ctl = results["control"]
     (sync,) = ctl["full_sync"]

@@ -292,9 +292,10 @@ def affinity_entry(net: BenchNet, frontend: Frontend) -> dict[str, Any] | None:
 def affinity_program_cost(net: BenchNet, run: AffinityRun, *, window: float, threads: int,
                           repeats: int = 5) -> list[dict[str, Any]]:
     """connect4's ns per run on the measured Service without and with affinity (alternating
-    windows)."""
-    cost = {on: CostSamples(run.programmed.n, "random+affinity" if on else "random",
-                            "connect4", "cc") for on in (False, True)}
+    windows), and sock_release's (kmesh_release: each closed socket drops its translation)."""
+    progs = ("connect4", "release")
+    cost = {(on, prog): CostSamples(run.programmed.n, "random+affinity" if on else "random",
+                                    prog, "cc") for on in (False, True) for prog in progs}
     address, port = run.programmed.targets["bpf"]
     tool = Bpftool()
     try:
@@ -303,9 +304,10 @@ def affinity_program_cost(net: BenchNet, run: AffinityRun, *, window: float, thr
                 for on in (False, True) if i % 2 == 0 else (True, False):
                     set_affinity(net, run, on)
                     deltas, report = stats_delta(
-                        net, ["connect4"],
+                        net, list(progs),
                         partial(net.client, "bpf", address, port, "cc", window, threads), tool)
-                    cost[on].add(*deltas["connect4"], report["errors"])
+                    for prog in progs:
+                        cost[(on, prog)].add(*deltas[prog], report["errors"])
     finally:
         set_affinity(net, run, False)
     return [c.summary() for c in cost.values()]
