@@ -27,6 +27,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
 COMMANDS_GROUP = "kmesh_plugin.commands"
+DEFAULT_CONFIG = Path("plugin.toml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,8 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", "-c", type=Path, default=Path("plugin.toml"),
+    parser.add_argument("--config", "-c", type=Path, default=None,
                         help="the node's plugin.toml (default: ./plugin.toml)")
+    return parser
+
+
+def _node_arg(parser: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
+    parser.add_argument("--node", metavar="NAME", help=help + "; without --config, the config "
+                        "of the agent running for NAME on this machine")
     return parser
 
 
@@ -82,14 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("explain", help="why a Service's connects go where they go")))
     explain.add_argument("service")
     explain.add_argument("-n", "--namespace", default="default")
-    explain.add_argument("--node", help="explain from this node's seat (default: the config's)")
+    _node_arg(explain, "explain from this node's seat (default: the config's node)")
     explain.set_defaults(func=cmd_explain)
 
     dump = _output_arg(_config_arg(sub.add_parser("dump", help="the pinned maps, decoded")))
+    _node_arg(dump, "the maps of this node's agent")
     dump.set_defaults(func=cmd_dump)
 
     status = _output_arg(_config_arg(
         sub.add_parser("status", help="agent health, links, map fill, last reconcile")))
+    _node_arg(status, "the agent of this node")
     status.add_argument("--ready", action="store_true",
                         help="also exit 1 until the agent has synced with its source "
                         "(a readiness probe; liveness needs only a live agent)")
@@ -137,8 +146,23 @@ def _add_extensions(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                   f"{e}", file=sys.stderr)
 
 
-def _load_config(path: Path) -> config_mod.Config:
-    return config_mod.load(path)
+def _load_config(path: Path | None) -> config_mod.Config:
+    return config_mod.load(DEFAULT_CONFIG if path is None else path)
+
+
+def _located_config(args: argparse.Namespace, seat: bool = False) -> config_mod.Config:
+    """--config if given, else with --node the config of that node's running agent (found
+    through /proc, see ops.locate), else ./plugin.toml. ``seat``: --node with --config is
+    the node to look from (explain), not a second way to name the config."""
+    if args.config is None and args.node:
+        from kmesh_plugin.ops.locate import config_for_node
+
+        return config_mod.load(config_for_node(args.node))
+    cfg = _load_config(args.config)
+    if args.node and not seat and args.node != cfg.node_name:
+        raise ConfigError(cfg.path, "node.name", f"is {cfg.node_name!r}, not --node "
+                          f"{args.node!r}: drop --config to find that node's agent")
+    return cfg
 
 
 def _load_plugins(cfg: config_mod.Config) -> Plugins:
@@ -283,7 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from kmesh_plugin.ops.explain import explain, render
 
-    cfg = _load_config(args.config)
+    cfg = _located_config(args, seat=True)
     result = explain(cfg, _load_plugins(cfg), args.namespace, args.service, args.node)
     print(json.dumps(result.to_json(), indent=1) if args.output == "json" else render(result))
     return 0
@@ -292,7 +316,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from kmesh_plugin.ops.status import dump, enrolled_pods, render_dump
 
-    cfg = _load_config(args.config)
+    cfg = _located_config(args)
     view = dump(cfg)
     pods = enrolled_pods(cfg, view)
     if args.output == "json":
@@ -308,7 +332,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     restarting the agent cannot fix them, and the maps keep their last good state."""
     from kmesh_plugin.ops.status import render_status, status
 
-    result = status(_load_config(args.config))
+    result = status(_located_config(args))
     print(json.dumps(result, indent=1) if args.output == "json" else render_status(result))
     healthy = result["agent"].get("healthy") and result["datapath"].get("attached")
     if args.ready:
