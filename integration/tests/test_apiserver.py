@@ -136,11 +136,13 @@ def endpoint_slice(name: str, service_name: str, ns: str = "default",
 
 
 def http_request(server: ApiServer, method: str, path: str, body: Any = None,
-                 content_type: str = "application/json", token: str | None = None
-                 ) -> tuple[int, http.client.HTTPMessage, Any]:
+                 content_type: str = "application/json", token: str | None = None,
+                 accept: str | None = None) -> tuple[int, http.client.HTTPMessage, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
     try:
         headers = {"Content-Type": content_type}
+        if accept:
+            headers["Accept"] = accept
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
@@ -382,8 +384,9 @@ def test_kubectl_get(server: ApiServer, kubectl: Kubectl) -> None:
     server.create(pod("app-1", app="x"))
     server.create(pod("other", app="y"))
 
-    table = kubectl("get", "nodes").stdout
-    assert table.split()[:2] == ["NAME", "AGE"] and "worker-1" in table
+    table = kubectl("get", "nodes").stdout  # the server's Table (test_apiserver_kubectl)
+    assert table.split()[:5] == ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    assert table.splitlines()[1].split()[:3] == ["worker-1", "Unknown", "<none>"]
     listed = json.loads(kubectl("get", "svc", "-n", "demo", "-o", "json").stdout)
     assert [s["metadata"]["name"] for s in listed["items"]] == ["web"]
     assert listed["items"][0]["spec"]["ports"][0]["port"] == 80
@@ -737,8 +740,16 @@ def test_latency(server: ApiServer) -> None:
          "NotFound", 'namespaces "nowhere" not found'),
         ("GET", "/api/v1/namespaces/default/services/x", None, 404, "NotFound",
          'services "x" not found'),
-        ("GET", "/openapi/v3", None, 404, "NotFound",
+        ("GET", "/openapi/v3/apis/example.com/v1", None, 404, "NotFound",
          "the server could not find the requested resource"),
+        ("GET", "/openapi/v1", None, 404, "NotFound",
+         "the server could not find the requested resource"),
+        ("GET", "/apis/apps/v1/namespaces/default/deployments/x/scale?watch=1", None, 405,
+         "MethodNotAllowed", "the server does not allow this method on the requested "
+                             "resource"),
+        ("POST", "/api/v1/namespaces?fieldValidation=Loud", {"metadata": {"name": "x"}}, 400,
+         "BadRequest", 'fieldValidation: Unsupported value: "Loud": supported values: '
+                       '"Ignore", "Strict", "Warn"'),
     ],
 )
 def test_errors_are_status_objects(server: ApiServer, method: str, path: str, body: Any,

@@ -12,10 +12,12 @@ Modules, one job each: ``resources`` (the table of kinds), ``store`` (collection
 resourceVersion, history, snapshots), ``registry`` (Kubernetes semantics of the verbs and
 admission hooks), ``selectors``, ``patch``, ``watches`` (one watch stream), ``discovery``,
 ``faults``, ``errors`` (Status objects), ``protobuf`` (the bodies kubectl 1.32+ send that
-way), ``tls`` (optional https) and ``server`` (HTTP and the public class).
+way), ``tls`` (optional https), ``remotecommand`` (``kubectl exec`` over WebSocket) and
+``server`` (HTTP and the public class).
 
-kubectl needs ``--validate=false`` for ``apply`` and ``create -f``: ``/openapi/v2`` and
-``/openapi/v3`` answer 404. kubectl sends a token only over https: with ``token=...`` use
+``tables`` prints what ``kubectl get`` shows; ``openapi`` serves ``/openapi/v3`` (and a
+minimal v2) so ``apply`` and ``create -f`` work with kubectl's default validation. kubectl
+sends a token only over https: with ``token=...`` use
 ``tls=True`` for kubectl (the Python client is fine either way). The product package
 ``kmesh_plugin`` never imports this.
 """
@@ -23,6 +25,7 @@ kubectl needs ``--validate=false`` for ``apply`` and ``create -f``: ``/openapi/v
 from .errors import ApiError
 from .faults import Faults
 from .registry import AdmissionHook
+from .remotecommand import ExecRequest, ExecRunner
 from .resources import DEFAULT_RESOURCES, MergeRule, ResourceTable, ResourceType
 from .selectors import FieldSelector, LabelSelector, SelectorError
 from .server import ApiServer, RequestRecord
@@ -32,6 +35,8 @@ __all__ = [
     "AdmissionHook",
     "ApiError",
     "ApiServer",
+    "ExecRequest",
+    "ExecRunner",
     "Faults",
     "FieldSelector",
     "LabelSelector",

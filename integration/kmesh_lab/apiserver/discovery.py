@@ -5,14 +5,15 @@ kubectl asks ``/api`` and ``/apis`` for aggregated discovery first (Accept
 ``application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,...,application/json``);
 answering these documents with ``Content-Type: application/json`` makes it fall back to the
 legacy walk (``/api/v1``, then every ``/apis/<g>/<v>``). Aggregated discovery itself is left
-out.
+out. A subresource that speaks another kind (``deployments/scale``: autoscaling/v1 Scale)
+names its group and version, which ``kubectl scale`` reads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .resources import SUBRESOURCE_VERBS, ResourceTable, ResourceType
+from .resources import SUBRESOURCE_KINDS, SUBRESOURCE_VERBS, ResourceTable, ResourceType
 
 # What each minor's /version looked like (the git commit is irrelevant to clients).
 GO_VERSIONS = {27: "go1.20.4", 28: "go1.20.10", 29: "go1.21.5", 30: "go1.22.2",
@@ -84,13 +85,15 @@ def api_resource_list(table: ResourceTable, group: str, version: str) -> dict[st
     for t in types:
         resources.append(_resource_entry(t))
         for sub in t.subresources:
-            resources.append({
-                "name": f"{t.plural}/{sub}",
-                "singularName": "",
-                "namespaced": t.namespaced,
-                "kind": t.kind,
-                "verbs": list(SUBRESOURCE_VERBS.get(sub, ("get",))),
-            })
+            entry: dict[str, Any] = {"name": f"{t.plural}/{sub}", "singularName": "",
+                                     "namespaced": t.namespaced}
+            if sub in SUBRESOURCE_KINDS:  # kubectl scale finds the Scale kind here
+                group_, version_, kind = SUBRESOURCE_KINDS[sub]
+                entry.update(group=group_, version=version_, kind=kind)
+            else:
+                entry["kind"] = t.kind
+            entry["verbs"] = list(SUBRESOURCE_VERBS.get(sub, ("get",)))
+            resources.append(entry)
     doc: dict[str, Any] = {"kind": "APIResourceList"}
     if group:
         doc["apiVersion"] = "v1"

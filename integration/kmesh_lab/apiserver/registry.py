@@ -23,6 +23,10 @@ object between the request and etcd.
   selectors; a token older than the last compaction is 410 Expired with the real message
   and an "inconsistent" token (rv -1) that continues from the current state.
 
+* scale (``deployments/scale``): an autoscaling/v1 ``Scale`` of ``spec.replicas`` (default 1),
+  ``status.replicas`` and the selector as a string; PUT and PATCH write ``spec.replicas``
+  through the update path (preconditions, generation, admission as ``"update"``).
+
 Admission hooks ``fn(verb, obj, old)`` run just before a write is stored, under the store
 lock (they may use the server's in-process API, never its HTTP port). ``verb`` is
 ``"create"``, ``"update"`` (PUT and PATCH), ``"update/status"`` (a write to the status
@@ -48,7 +52,7 @@ from typing import Any
 from . import errors, patch
 from .errors import ApiError
 from .resources import NAMESPACES, ResourceTable, ResourceType
-from .selectors import FieldSelector, LabelSelector
+from .selectors import FieldSelector, LabelSelector, SelectorError, format_label_selector
 from .store import Record, Store, dumps, make_record, object_key
 
 AdmissionHook = Callable[[str, dict[str, Any], dict[str, Any] | None], None]
@@ -116,6 +120,24 @@ class ListPage:
                 f'"metadata":').encode()
         return b"".join((head, dumps(meta), b',"items":[',
                          b",".join(r.raw for r in self.records), b"]}"))
+
+
+def _apply_patch(doc: dict[str, Any], patch_type: str, patch_body: Any,
+                 rules: Mapping[Any, Any]) -> Any:
+    try:
+        if patch_type == "json":
+            return patch.json_patch(doc, patch_body)
+        if patch_type == "merge":
+            if not isinstance(patch_body, dict):
+                raise patch.PatchError("a merge patch must be a JSON object")
+            return patch.merge_patch(doc, patch_body)
+        if patch_type == "strategic":
+            return patch.strategic_merge_patch(doc, patch_body, rules)
+    except patch.PatchError as e:
+        if e.code == 422:
+            raise ApiError(422, str(e), "Invalid") from None
+        raise errors.bad_request(str(e)) from None
+    raise errors.unsupported_patch_type(patch_type)
 
 
 def _spec_part(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -369,28 +391,87 @@ class Registry:
         return self._commit(rtype, new, old, dry_run)
 
     def patch(self, rtype: ResourceType, namespace: str, name: str, patch_type: str,
-              patch_body: Any, subresource: str = "", dry_run: bool = False) -> Record:
-        """``patch_type`` is ``json``, ``merge`` or ``strategic``."""
+              patch_body: Any, subresource: str = "", dry_run: bool = False,
+              check: Callable[[dict[str, Any]], None] | None = None) -> Record:
+        """``patch_type`` is ``json``, ``merge`` or ``strategic``; ``check`` sees (and may
+        change, or refuse with an ApiError) the patched object before it is written."""
         with self.store.lock:
             old = self._existing(rtype, namespace, name)
-            doc = old.object()
-            try:
-                if patch_type == "json":
-                    new = patch.json_patch(doc, patch_body)
-                elif patch_type == "merge":
-                    if not isinstance(patch_body, dict):
-                        raise patch.PatchError("a merge patch must be a JSON object")
-                    new = patch.merge_patch(doc, patch_body)
-                elif patch_type == "strategic":
-                    new = patch.strategic_merge_patch(doc, patch_body, rtype.merge_rules)
-                else:
-                    raise errors.unsupported_patch_type(patch_type)
-            except patch.PatchError as e:
-                if e.code == 422:
-                    raise ApiError(422, str(e), "Invalid") from None
-                raise errors.bad_request(str(e)) from None
+            new = _apply_patch(old.object(), patch_type, patch_body, rtype.merge_rules)
             meta = self._check_body(rtype, new)
+            if check is not None:
+                check(new)
             return self._update(rtype, namespace, name, new, meta, old, subresource, dry_run)
+
+    # --- the scale subresource (autoscaling/v1 Scale of spec.replicas) ---------------------
+
+    @staticmethod
+    def scale_of(record: Record) -> dict[str, Any]:
+        """The Scale the real registry derives from a Deployment (``scaleFromDeployment``)."""
+        obj = record.object()
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        status = obj.get("status") or {}
+        try:
+            selector = format_label_selector(spec.get("selector"))
+        except SelectorError:
+            selector = ""
+        scale_status: dict[str, Any] = {"replicas": int(status.get("replicas") or 0)}
+        if selector:
+            scale_status["selector"] = selector
+        replicas = spec.get("replicas")
+        return {
+            "kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                              "creationTimestamp") if k in meta},
+            "spec": {"replicas": 1 if replicas is None else int(replicas)},
+            "status": scale_status,
+        }
+
+    def get_scale(self, rtype: ResourceType, namespace: str, name: str) -> dict[str, Any]:
+        return self.scale_of(self.get(rtype, namespace, name))
+
+    def update_scale(self, rtype: ResourceType, namespace: str, name: str, body: Any,
+                     dry_run: bool = False) -> dict[str, Any]:
+        """PUT ``.../scale``: sets ``spec.replicas`` (a stale resourceVersion is 409)."""
+        with self.store.lock:
+            old = self._existing(rtype, namespace, name)
+            return self._write_scale(rtype, namespace, name, old, body, dry_run)
+
+    def patch_scale(self, rtype: ResourceType, namespace: str, name: str, patch_type: str,
+                    patch_body: Any, dry_run: bool = False) -> dict[str, Any]:
+        with self.store.lock:
+            old = self._existing(rtype, namespace, name)
+            scale = _apply_patch(self.scale_of(old), patch_type, patch_body, {})
+            return self._write_scale(rtype, namespace, name, old, scale, dry_run)
+
+    def _write_scale(self, rtype: ResourceType, namespace: str, name: str, old: Record,
+                     scale: Any, dry_run: bool) -> dict[str, Any]:
+        if not isinstance(scale, dict):
+            raise errors.bad_request("the object provided is unrecognized (must be of type "
+                                     "Scale)")
+        if scale.get("kind") not in (None, "", "Scale") or \
+                scale.get("apiVersion") not in (None, "", "autoscaling/v1"):
+            raise errors.bad_request(f"the kind in the data ({scale.get('kind')}) does not "
+                                     f"match the expected kind (Scale)")
+        meta = scale.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        if meta.get("name") not in (None, "", name):
+            raise errors.bad_request(f"the name of the object ({meta['name']}) does not match "
+                                     f"the name on the URL ({name})")
+        replicas = (scale.get("spec") or {}).get("replicas", 0)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise errors.invalid(rtype, name, "spec.replicas",
+                                 f"Invalid value: {json.dumps(replicas)}: must be greater "
+                                 f"than or equal to 0")
+        new = old.object()
+        new.setdefault("spec", {})["replicas"] = replicas
+        new_meta = new["metadata"]
+        for key in ("resourceVersion", "uid"):
+            if meta.get(key):
+                new_meta[key] = meta[key]  # preconditions, checked by _update
+        record = self._update(rtype, namespace, name, new, new_meta, old, "", dry_run)
+        return self.scale_of(record)
 
     def delete(self, rtype: ResourceType, namespace: str, name: str,
                options: Mapping[str, Any] | None = None, dry_run: bool = False) -> Record:

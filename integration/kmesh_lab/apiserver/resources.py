@@ -12,7 +12,12 @@ schema the table records them as :class:`MergeRule` entries by field path (list 
 left out), e.g. ``("spec", "template", "spec", "containers", "ports")``. A list without a
 rule is replaced whole, which is what Kubernetes does for atomic lists.
 
-Not here (yet): Table column definitions, the ``scale`` subresource, OpenAPI schemas.
+Subresources: ``status`` (writes change only ``.status``) and ``scale`` (an autoscaling/v1
+``Scale`` view of ``spec.replicas``, Deployments); :data:`SUBRESOURCE_KINDS` names the kind a
+subresource speaks when it is not the parent's. ``top_level_fields`` lists the fields a kind
+has besides apiVersion, kind and metadata: ``fieldValidation`` (Strict/Warn/Ignore) checks
+those and :data:`OBJECT_META_FIELDS` only. The printed columns (``tables``) and the OpenAPI
+documents (``openapi``) are derived from this table too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from types import MappingProxyType
 STANDARD_VERBS = (
     "create", "delete", "deletecollection", "get", "list", "patch", "update", "watch",
 )
-SUBRESOURCE_VERBS = {"status": ("get", "patch", "update")}
+SUBRESOURCE_VERBS = {"status": ("get", "patch", "update"), "scale": ("get", "patch", "update")}
+# (group, version, kind) of a subresource whose kind is not its parent's.
+SUBRESOURCE_KINDS = {"scale": ("autoscaling", "v1", "Scale")}
+OBJECT_META_FIELDS = frozenset((
+    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+    "annotations", "ownerReferences", "finalizers", "managedFields",
+))
 Path = tuple[str, ...]
 
 
@@ -55,6 +67,8 @@ class ResourceType:
     returns_deleted_object: bool = False
     # DELETE with a grace period marks the object terminating instead (Pods).
     graceful_delete: bool = False
+    # The object's fields besides apiVersion, kind and metadata (unknown-field checks).
+    top_level_fields: tuple[str, ...] = ("spec", "status")
 
     @property
     def api_version(self) -> str:
@@ -154,6 +168,7 @@ NAMESPACES = ResourceType(
 )
 NODES = ResourceType(
     "", "v1", "nodes", "node", "Node", False, ("no",),
+    subresources=("status",),  # the kubelet reports a node's conditions and nodeInfo there
     selectable_fields={"spec.unschedulable": ("spec", "unschedulable")},
     merge_rules=_rules(
         CONDITIONS,
@@ -187,14 +202,16 @@ PODS = ResourceType(
 CONFIGMAPS = ResourceType(
     "", "v1", "configmaps", "configmap", "ConfigMap", True, ("cm",),
     merge_rules=_rules(),
+    top_level_fields=("data", "binaryData", "immutable"),
 )
 ENDPOINTSLICES = ResourceType(
     "discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", True,
     merge_rules=_rules(),  # endpoints and ports are atomic lists
+    top_level_fields=("addressType", "endpoints", "ports"),
 )
 DEPLOYMENTS = ResourceType(
     "apps", "v1", "deployments", "deployment", "Deployment", True, ("deploy",),
-    subresources=("status",),
+    subresources=("status", "scale"),
     categories=("all",),
     merge_rules=_rules(CONDITIONS, pod_template_rules(("spec", "template"))),
 )

@@ -279,3 +279,32 @@ def _unescape(value: str) -> str:
         out.append(char)
         i += 1
     return "".join(out)
+
+
+def format_label_selector(selector: Mapping[str, object] | None) -> str:
+    """A ``metav1.LabelSelector`` (matchLabels, matchExpressions) as the selector string
+    ``LabelSelectorAsSelector(s).String()`` gives: requirements sorted by key, ``""`` for
+    none. An operator it does not know is a SelectorError."""
+    if not selector:
+        return ""
+    terms: list[tuple[str, str]] = []
+    labels = selector.get("matchLabels") or {}
+    if isinstance(labels, Mapping):
+        terms.extend((str(k), f"{k}={v}") for k, v in labels.items())
+    expressions = selector.get("matchExpressions") or []
+    for expr in expressions if isinstance(expressions, list) else ():
+        if not isinstance(expr, Mapping):
+            raise SelectorError("a matchExpressions entry must be an object")
+        key, op = str(expr.get("key", "")), expr.get("operator")
+        values = ",".join(sorted(str(v) for v in (expr.get("values") or [])))
+        if op == "In":
+            terms.append((key, f"{key} in ({values})"))
+        elif op == "NotIn":
+            terms.append((key, f"{key} notin ({values})"))
+        elif op == "Exists":
+            terms.append((key, key))
+        elif op == "DoesNotExist":
+            terms.append((key, f"!{key}"))
+        else:
+            raise SelectorError(f'"{op}" is not a valid label selector operator')
+    return ",".join(text for _, text in sorted(terms, key=lambda t: t[0]))

@@ -4,30 +4,41 @@
 streams) closely enough for the official Python client and the real kubectl:
 
 * routing: ``/api/v1/...`` and ``/apis/<group>/<version>/...``, namespaced and cluster-wide
-  collections, objects, the ``status`` subresource, the legacy ``/watch/`` prefix;
+  collections, objects, the ``status`` and ``scale`` (autoscaling/v1 Scale, ``kubectl
+  scale``) subresources, the legacy ``/watch/`` prefix;
 * verbs get, list, watch, create, update, patch (JSON, merge, strategic merge), delete and
   deletecollection; ``dryRun=All``; ``resourceVersionMatch=Exact`` on lists;
 * discovery (legacy documents, see ``discovery``) and ``/version``, ``/healthz``,
   ``/livez``, ``/readyz``;
 * errors are always a ``Status`` object; an unknown path, resource or verb answers at once;
 * request bodies in JSON, YAML, or protobuf for the kinds kubectl 1.32+ create that way
-  (see ``protobuf``); responses are always JSON;
+  (see ``protobuf``); responses are JSON: objects, or for a get, list or watch whose
+  Accept asks ``as=Table`` (``kubectl get``) the Table the real printers make (see
+  ``tables``), rows carrying the object as ``includeObject`` says;
+* ``/openapi/v3`` and a minimal ``/openapi/v2`` (see ``openapi``), enough for kubectl
+  1.27-1.33 to leave field validation to the server: ``apply``/``create -f`` work with the
+  default ``--validate``. ``fieldValidation`` Strict refuses unknown top-level and metadata
+  fields (400), Warn (the default) drops them with a ``Warning`` header, Ignore drops them;
+* ``after_write(user_agent, revision)``, called after every successful non-dry-run write
+  over HTTP, just before the answer (a failure is logged to ``internal_errors`` only);
 * an optional bearer token (401 without it, on every path). kubectl sends a kubeconfig's
   token only over https, so ``tls=True`` serves https with a throwaway certificate that
   :meth:`ApiServer.write_kubeconfig` puts in the kubeconfig (see ``tls``); the Python
   client sends the token over plain http too;
 * fault injection (``server.faults``), stop/start on the same port, and
   :meth:`ApiServer.restart` with a new resourceVersion history;
-* a bounded log of requests (``server.requests``) for tests that check what a client asked.
+* a bounded log of requests (``server.requests``) for tests that check what a client asked;
+* ``kubectl exec`` (``pods/exec``) over WebSocket v5/v4.channel.k8s.io, the process started
+  by ``exec_runner`` (see ``remotecommand``); kubectl's SPDY fallback answers a Status error.
 
 A watch ends when its client goes away (checked every second while it is quiet), so
 abandoned watches do not pile up threads.
 
-``/openapi/v2`` and ``/openapi/v3`` answer 404, so kubectl commands that validate against
-the schema (``apply``, ``create -f``) need ``--validate=false``; ``apply`` then uses the
-strategic-merge rules compiled into kubectl. Also left out: Table output (kubectl prints
-NAME and AGE from the objects), protobuf responses, CBOR, server-side apply (415),
-finalizers, aggregated discovery, ``exec``/``logs``/``scale``, authorisation, HTTP/2.
+The OpenAPI schemas are shallow (nested fields open), so ``apply`` of an existing object
+computes its strategic merge patch from the rules compiled into kubectl, and ``kubectl
+explain`` has nothing to show. Also left out: protobuf responses, CBOR, server-side apply
+(415), finalizers, aggregated discovery, ``logs``, ``port-forward``, metrics,
+authorisation (``auth can-i`` gets a 404), HTTP/2.
 The server binds only to 127.0.0.1.
 """
 
@@ -46,7 +57,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -56,11 +67,32 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-from . import discovery, errors, protobuf
+from . import discovery, errors, openapi, protobuf, tables
 from .errors import ApiError
 from .faults import Faults
 from .registry import PATCH_TYPES, AdmissionHook, Registry
-from .resources import DEFAULT_RESOURCES, NAMESPACES, SUBRESOURCE_VERBS, ResourceTable, ResourceType
+from .remotecommand import (
+    ExecRunner,
+    ExecSession,
+    RecentRefusals,
+    buffered_bytes,
+    choose_protocol,
+    handshake_key,
+    handshake_response,
+    is_websocket_upgrade,
+    no_runner,
+    parse_exec_query,
+    refusal_key,
+    websocket_only,
+)
+from .resources import (
+    DEFAULT_RESOURCES,
+    NAMESPACES,
+    OBJECT_META_FIELDS,
+    SUBRESOURCE_VERBS,
+    ResourceTable,
+    ResourceType,
+)
 from .selectors import FieldSelector, LabelSelector, SelectorError
 from .store import Record, Store, dumps
 from .tls import self_signed_context
@@ -205,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None:
                 raise fault
             api._authenticate(self.headers.get("Authorization"))
-            if not _accepts_json(self.headers.get("Accept", "")):
+            if not _accepts_json(self.headers.get("Accept", "")) and path != "/openapi/v2":
                 raise errors.not_acceptable()
             self._route(method, path, query, body)
         except ApiError as e:
@@ -265,8 +297,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, discovery.version_info(self.server.version))
         elif len(parts) == 1 and parts[0] in ("healthz", "livez", "readyz"):
             self._respond(200, b"ok", "text/plain; charset=utf-8")
+        elif parts == ["openapi", "v3"]:
+            self._respond(200, self.server.openapi_v3.root())
+        elif parts[:2] == ["openapi", "v3"]:
+            doc = self.server.openapi_v3.document("/".join(parts[2:]))
+            if doc is None:
+                raise errors.resource_not_found()
+            self._respond(200, doc)
+        elif parts == ["openapi", "v2"]:
+            protobuf = "protobuf" in (self.headers.get("Accept") or "")
+            self._respond(200, self.server.openapi_v3.swagger(protobuf),
+                          openapi.V2_PROTOBUF if protobuf else "application/json")
         else:
-            raise errors.resource_not_found()  # /openapi/v2 and /openapi/v3 among them
+            raise errors.resource_not_found()
 
     def _discovery(self, method: str, doc: dict[str, Any]) -> None:
         if method not in ("GET", "HEAD"):
@@ -293,6 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise errors.resource_not_found()
         name = rest[1] if len(rest) > 1 else ""
         sub = rest[2] if len(rest) > 2 else ""
+        if sub == "exec" and rtype.plural == "pods" and not rtype.group and namespace:
+            self._exec(method, rtype, namespace, name)  # the exec block, below
+            return
         if sub and sub not in rtype.subresources:
             raise errors.resource_not_found()
         if rtype.namespaced and name and not namespace:
@@ -311,38 +357,70 @@ class _Handler(BaseHTTPRequestHandler):
         dry_run = self._dry_run(query)
         registry = api.registry
         if verb == "get":
-            self._respond(200, registry.get(rtype, namespace, name).raw)
-        elif verb == "list":
+            if sub == "scale":
+                self._send_json(200, registry.get_scale(rtype, namespace, name))
+            else:
+                self._object(rtype, registry.get(rtype, namespace, name), query)
+            return
+        if verb == "list":
             self._list(rtype, namespace, query)
-        elif verb == "watch":
+            return
+        if verb == "watch":
             self._watch(rtype, namespace, name, query)
-        elif verb == "create":
-            record = registry.create(rtype, namespace, self._json_body(body, rtype), dry_run)
-            self._respond(201, record.raw)
-        elif verb == "update":
-            record = registry.update(rtype, namespace, name, self._json_body(body, rtype), sub,
-                                     dry_run)
-            self._respond(200, record.raw)
+            return
+        fields = _FieldCheck(rtype, query.get("fieldValidation")
+                             if verb in ("create", "update", "patch") else None)
+        if verb in ("create", "update"):
+            obj = self._json_body(body, rtype)
+            if sub == "scale":
+                out = dumps(registry.update_scale(rtype, namespace, name, obj, dry_run))
+            else:
+                if sub != "status":
+                    fields(obj)
+                if verb == "create":
+                    out = registry.create(rtype, namespace, obj, dry_run).raw
+                else:
+                    out = registry.update(rtype, namespace, name, obj, sub, dry_run).raw
+            code = 201 if verb == "create" else 200
         elif verb == "patch":
             content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip()
             patch_type = PATCH_TYPES.get(content_type.lower())
             if patch_type is None:
                 raise errors.unsupported_patch_type(content_type)
-            record = registry.patch(rtype, namespace, name, patch_type,
-                                    self._json_body(body, rtype, any_json=True), sub, dry_run)
-            self._respond(200, record.raw)
+            patch_body = self._json_body(body, rtype, any_json=True)
+            if sub == "scale":
+                out = dumps(registry.patch_scale(rtype, namespace, name, patch_type, patch_body,
+                                                 dry_run))
+            else:
+                out = registry.patch(rtype, namespace, name, patch_type, patch_body, sub,
+                                     dry_run, check=None if sub == "status" else fields).raw
+            code = 200
         elif verb == "delete":
             options = self._delete_options(body, rtype, query)
             record = registry.delete(rtype, namespace, name, options, dry_run)
-            if rtype.returns_deleted_object:
-                self._respond(200, record.raw)
-            else:
-                self._send_json(200, _success(rtype, record))
+            out = record.raw if rtype.returns_deleted_object else dumps(_success(rtype, record))
+            code = 200
         else:  # deletecollection
-            labels, fields = self._selectors(query)
+            labels, selected = self._selectors(query)
             options = self._delete_options(body, rtype, query)
-            page = registry.delete_collection(rtype, namespace, labels, fields, options, dry_run)
-            self._respond(200, page.body())
+            page = registry.delete_collection(rtype, namespace, labels, selected, options,
+                                              dry_run)
+            out, code = page.body(), 200
+        if not dry_run:
+            api._after_write(self.headers.get("User-Agent", ""))
+        self._respond(code, out, headers=[("Warning", f'299 - "{_quote(w)}"')
+                                          for w in fields.warnings])
+
+    def _object(self, rtype: ResourceType, record: Record, query: dict[str, str]) -> None:
+        """One object, or as a one-row Table when the client asks for one."""
+        version = tables.table_version(self.headers.get("Accept", ""))
+        if version is None:
+            self._respond(200, record.raw)
+            return
+        obj = record.object()
+        table = tables.to_table(rtype, [obj], {"resourceVersion": str(record.rv)}, version,
+                                query.get("includeObject", ""))
+        self._respond(200, dumps(table), _table_content_type(version))
 
     def _delete_options(self, body: bytes, rtype: ResourceType,
                         query: dict[str, str]) -> dict[str, Any]:
@@ -350,6 +428,51 @@ class _Handler(BaseHTTPRequestHandler):
         if query.get("gracePeriodSeconds"):  # the query parameter wins, as in the real server
             options["gracePeriodSeconds"] = query["gracePeriodSeconds"]
         return options
+
+    # --- exec block (helper B): pods/exec over WebSocket, see remotecommand ---------------
+
+    def _exec(self, method: str, rtype: ResourceType, namespace: str, name: str) -> None:
+        """GET with a WebSocket upgrade (v5/v4.channel.k8s.io) runs ``exec_runner``; POST
+        (kubectl's SPDY fallback) and plain requests answer a Status error."""
+        api = self.server
+        if method not in ("GET", "POST"):
+            raise errors.method_not_allowed()
+        query = urlsplit(self.path).query
+        request = parse_exec_query(query, namespace, name)
+        api.registry.get(rtype, namespace, name)  # 404 as the real server, any protocol
+        if api.exec_runner is None:
+            raise no_runner()
+        if method != "GET" or not is_websocket_upgrade(self.headers):
+            if "upgrade" in (self.headers.get("Connection") or "").lower():
+                self.close_connection = True  # SPDY: no keep-alive after a refused upgrade
+            raise api._exec_refusals.take(refusal_key(namespace, name, query)) \
+                or websocket_only()
+        protocol = choose_protocol(self.headers)
+        if protocol is None:
+            raise websocket_only()
+        key = handshake_key(self.headers)
+        try:
+            proc = api.exec_runner(request)
+        except ApiError as e:
+            api._exec_refusals.remember(refusal_key(namespace, name, query), e)
+            raise
+        self.close_connection = True  # the connection ends with the session
+        session = ExecSession(self.connection, proc, request, protocol)
+        api._register_exec(session)
+        try:
+            self.wfile.write(handshake_response(key, protocol))
+            self.connection.setblocking(False)
+            session.early = buffered_bytes(self.rfile)
+            session.run()
+        except OSError:
+            pass  # the client went away; run() killed and reaped the process
+        except Exception:
+            api.internal_errors.append(traceback.format_exc())  # no HTTP answer after a 101
+        finally:
+            session.cleanup()  # also when the 101 could not be sent
+            api._unregister_exec(session)
+
+    # --- end of the exec block ---------------------------------------------------------
 
     def _peer_gone(self) -> bool:
         """During a watch the client sends nothing: a readable socket is its EOF (or a TLS
@@ -415,7 +538,18 @@ class _Handler(BaseHTTPRequestHandler):
                                          ) from None
         page = self.server.registry.list(rtype, namespace, labels, fields, limit,
                                          query.get("continue") or None, exact_rv)
-        self._respond(200, page.body())
+        version = tables.table_version(self.headers.get("Accept", ""))
+        if version is None:
+            self._respond(200, page.body())
+            return
+        list_meta: dict[str, Any] = {"resourceVersion": str(page.rv)}
+        if page.continue_token:
+            list_meta["continue"] = page.continue_token
+        if page.remaining is not None:
+            list_meta["remainingItemCount"] = page.remaining
+        table = tables.to_table(rtype, (r.object() for r in page.records), list_meta, version,
+                                query.get("includeObject", ""))
+        self._respond(200, dumps(table), _table_content_type(version))
 
     def _watch(self, rtype: ResourceType, namespace: str, name: str,
                query: dict[str, str]) -> None:
@@ -430,6 +564,10 @@ class _Handler(BaseHTTPRequestHandler):
                 timeout = float(query["timeoutSeconds"])
             except ValueError:
                 raise errors.bad_request("invalid timeoutSeconds") from None
+        table = tables.table_version(self.headers.get("Accept", ""))
+        include = query.get("includeObject", "")
+        if table is not None:
+            tables.to_table(rtype, [], {}, table, include)  # a bad includeObject is a 400 now
         stream = WatchStream(
             api.store, rtype, namespace, labels, fields,
             resource_version=query.get("resourceVersion"),
@@ -447,6 +585,8 @@ class _Handler(BaseHTTPRequestHandler):
                              b"Transfer-Encoding: chunked\r\n\r\n")
             while lines is not None:
                 if lines:
+                    if table is not None:
+                        lines = [_table_event(rtype, line, table, include) for line in lines]
                     data = b"".join(lines)
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 lines = stream.next_lines()
@@ -457,6 +597,59 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             api._unregister_watch(stream)
             stream.release()
+
+
+def _table_event(rtype: ResourceType, line: bytes, version: str, include: str) -> bytes:
+    """A watch event whose object is a one-row Table (as ``kubectl get -w`` asks); BOOKMARK
+    and ERROR events pass unchanged."""
+    event = json.loads(line)
+    if event.get("type") not in ("ADDED", "MODIFIED", "DELETED"):
+        return line
+    obj = event["object"]
+    rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+    event["object"] = tables.to_table(rtype, [obj], {"resourceVersion": rv}, version, include)
+    return dumps(event) + b"\n"
+
+
+def _table_content_type(version: str) -> str:
+    group, _, v = version.partition("/")
+    return f"application/json;as=Table;v={v};g={group}"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class _FieldCheck:
+    """``fieldValidation`` for the fields the table knows (top level and metadata): Strict
+    refuses an unknown one (400), Warn (the default, as in Kubernetes 1.27+) and Ignore drop
+    it, Warn with a ``Warning`` header per field."""
+
+    def __init__(self, rtype: ResourceType, directive: str | None) -> None:
+        if directive not in (None, "", "Ignore", "Warn", "Strict"):
+            raise errors.bad_request(f'fieldValidation: Unsupported value: "{directive}": '
+                                     f'supported values: "Ignore", "Strict", "Warn"')
+        self.rtype = rtype
+        self.directive = directive or "Warn"
+        self.warnings: list[str] = []
+
+    def __call__(self, obj: dict[str, Any]) -> None:
+        known = ("apiVersion", "kind", "metadata", *self.rtype.top_level_fields)
+        unknown = [(obj, k, k) for k in obj if k not in known]
+        meta = obj.get("metadata")
+        if isinstance(meta, dict):
+            unknown += [(meta, k, f"metadata.{k}") for k in meta if k not in OBJECT_META_FIELDS]
+        if not unknown:
+            return
+        if self.directive == "Strict":
+            kind, version = self.rtype.kind, self.rtype.version
+            raise errors.bad_request(
+                f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding '
+                f'error: ' + ", ".join(f'unknown field "{path}"' for _, _, path in unknown))
+        for parent, key, path in unknown:
+            del parent[key]
+            if self.directive == "Warn":
+                self.warnings.append(f'unknown field "{path}"')
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -484,9 +677,14 @@ class ApiServer:
     ``bookmark_interval`` the seconds between BOOKMARK events; ``admission`` hooks
     ``fn(verb, obj, old)`` (see ``registry``); ``history_limit`` the events a kind keeps for
     watches; ``request_log_size`` how many requests :attr:`requests` keeps; ``tls`` serve
-    https (needed for kubectl to send ``token``). The in-process methods (:meth:`create`,
-    :meth:`get`, ...) have the semantics of the HTTP verbs (resourceVersion, events,
-    admission), work whether or not the port is open, and raise :class:`ApiError`.
+    https (needed for kubectl to send ``token``); ``exec_runner`` starts the processes of
+    ``kubectl exec`` (``remotecommand.ExecRunner``; None: exec answers an error);
+    ``after_write(user_agent, revision)`` runs in the handler thread after each successful,
+    non-dry-run HTTP write (create, update, patch, delete, deletecollection, subresources
+    too), before the answer is sent; its exceptions go to :attr:`internal_errors`. The
+    in-process methods (:meth:`create`, :meth:`get`, ...) have the semantics of the HTTP
+    verbs (resourceVersion, events, admission), work whether or not the port is open, and
+    raise :class:`ApiError`.
     """
 
     def __init__(
@@ -502,6 +700,8 @@ class ApiServer:
         history_limit: int = 50_000,
         request_log_size: int = 10_000,
         tls: bool = False,
+        after_write: Callable[[str, int], None] | None = None,
+        exec_runner: ExecRunner | None = None,
     ) -> None:
         if host != LOOPBACK:
             raise ValueError(f"the test API server listens only on {LOOPBACK}, not {host!r}")
@@ -518,6 +718,10 @@ class ApiServer:
         self.faults = Faults(self.store.compact, self._drop_watches)
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_size)
         self.internal_errors: list[str] = []  # tracebacks behind 500s that were not injected
+        self.after_write = after_write
+        version_text = f"v{self.version[0]}.{self.version[1]}." \
+                       f"{self.version[2] if len(self.version) > 2 else 0}"
+        self.openapi_v3 = openapi.OpenApiV3(resources, version_text)
         self._lifecycle = threading.Lock()
         self._conn_lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -525,6 +729,9 @@ class ApiServer:
         self._accept_thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._watches: dict[WatchStream, socket.socket] = {}
+        self.exec_runner = exec_runner  # starts kubectl exec's processes (remotecommand)
+        self._exec_sessions: dict[ExecSession, socket.socket] = {}
+        self._exec_refusals = RecentRefusals()
         self._stopping = threading.Event()
         self._tls_context: ssl.SSLContext | None = None
         self.certificate_pem: bytes | None = None  # what a client trusts when tls=True
@@ -584,9 +791,12 @@ class ApiServer:
             self._listener = self._wake = self._accept_thread = None
             with self._conn_lock:
                 watches = list(self._watches)
+                sessions = list(self._exec_sessions)
                 connections = list(self._connections.items())
             for stream in watches:
                 stream.close(dropped=True)
+            for session in sessions:
+                session.close()  # its thread kills and reaps the process
             for conn, _ in connections:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
@@ -676,6 +886,20 @@ class ApiServer:
         with self._conn_lock:
             return len(self._watches)
 
+    def _register_exec(self, session: ExecSession) -> None:
+        with self._conn_lock:
+            self._exec_sessions[session] = session.sock
+
+    def _unregister_exec(self, session: ExecSession) -> None:
+        with self._conn_lock:
+            self._exec_sessions.pop(session, None)
+
+    @property
+    def open_exec_sessions(self) -> int:
+        """Upgraded ``kubectl exec`` connections still running."""
+        with self._conn_lock:
+            return len(self._exec_sessions)
+
     def _authenticate(self, header: str | None) -> None:
         if self.token is None:
             return
@@ -683,6 +907,15 @@ class ApiServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  self.token.encode()):
             raise errors.unauthorized()
+
+    def _after_write(self, user_agent: str) -> None:
+        """The ``after_write`` hook after an HTTP write; its failure is logged, not answered."""
+        if self.after_write is None:
+            return
+        try:
+            self.after_write(user_agent, self.store.revision)
+        except Exception:
+            self.internal_errors.append(traceback.format_exc())
 
     def _log_request(self, record: RequestRecord) -> None:
         self.requests.append(record)
