@@ -22,6 +22,7 @@ import yaml
 
 from kmesh_lab import scenario
 from kmesh_lab.cluster import Lab
+from kmesh_lab.kind import SEED_LOCALITY
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.loader import Datapath
 from kmesh_plugin.datapath.writer import read_table
@@ -31,17 +32,7 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 THIRD_PARTY = REPO / "tests" / "fixtures" / "same_region_strict"
 URL = "http://helloworld:5000/hello"
-SEED_NODES = {
-    "ambient-worker": {"topology.kubernetes.io/region": "region",
-                       "topology.kubernetes.io/zone": "zone1",
-                       "topology.kubernetes.io/subzone": "subzone1"},
-    "ambient-worker2": {"topology.kubernetes.io/region": "region",
-                        "topology.kubernetes.io/zone": "zone1",
-                        "topology.kubernetes.io/subzone": "subzone2"},
-    "ambient-worker3": {"topology.kubernetes.io/region": "region",
-                        "topology.kubernetes.io/zone": "zone2",
-                        "topology.kubernetes.io/subzone": "subzone3"},
-}
+SEED_NODES = SEED_LOCALITY  # the seed's three workers, labelled as its commands leave them
 
 
 @pytest.fixture

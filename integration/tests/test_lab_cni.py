@@ -30,20 +30,14 @@ import yaml
 
 from kmesh_lab import cni, netns, scenario
 from kmesh_lab.cluster import Lab
+from kmesh_lab.kind import SEED_LOCALITY, WORKERS
 from kmesh_lab.kube import RunningPod
 from kmesh_plugin.cni import spool
 
 pytestmark = pytest.mark.lab
 
 URL = "http://helloworld:5000/hello"
-NODES = {
-    "ambient-worker": {"topology.kubernetes.io/region": "region",
-                       "topology.kubernetes.io/zone": "zone1",
-                       "topology.kubernetes.io/subzone": "subzone1"},
-    "ambient-worker2": {"topology.kubernetes.io/region": "region",
-                        "topology.kubernetes.io/zone": "zone1",
-                        "topology.kubernetes.io/subzone": "subzone2"},
-}
+NODES = {node: SEED_LOCALITY[node] for node in WORKERS[:2]}
 CLIENT_NODE = "ambient-worker"
 
 

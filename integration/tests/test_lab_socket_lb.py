@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from kmesh_lab.cluster import Lab
+from kmesh_lab.kind import SEED_LOCALITY
 from kmesh_lab.kube import CURL_IMAGE, DNS_IMAGE, HELLOWORLD_IMAGE, RunningPod
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.loader import Datapath
@@ -39,17 +40,7 @@ pytestmark = pytest.mark.lab
 
 NS = "sample"
 CLIENT_NODE = "ambient-worker"
-NODES = {
-    "ambient-worker": {"topology.kubernetes.io/region": "region",
-                       "topology.kubernetes.io/zone": "zone1",
-                       "topology.kubernetes.io/subzone": "subzone1"},
-    "ambient-worker2": {"topology.kubernetes.io/region": "region",
-                        "topology.kubernetes.io/zone": "zone1",
-                        "topology.kubernetes.io/subzone": "subzone2"},
-    "ambient-worker3": {"topology.kubernetes.io/region": "region",
-                        "topology.kubernetes.io/zone": "zone2",
-                        "topology.kubernetes.io/subzone": "subzone3"},
-}
+NODES = SEED_LOCALITY
 NEAR, ZONE, FAR = NODES  # the client's node, same zone other subzone, other zone
 
 
