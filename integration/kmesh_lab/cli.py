@@ -17,20 +17,34 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lrun = lab_sub.add_parser("run", help="run a scenario file")
     lrun.add_argument("scenario", type=Path)
     lrun.set_defaults(func=cmd_lab_run)
-    down = lab_sub.add_parser("down", help="remove everything a crashed lab left behind")
+    up = lab_sub.add_parser(
+        "up", help="start a lab in the background, driven with kubectl (default nodes: the "
+        "seed's kind workers ambient-worker, ambient-worker2, ambient-worker3, unlabelled)")
+    up.add_argument("--nodes", type=Path, metavar="FILE",
+                    help="YAML mapping node names to their labels (bare or under 'nodes:', so "
+                    "a scenario file works)")
+    up.add_argument("-v", "--verbose", action="store_true", help="show the lab starting")
+    up.set_defaults(func=cmd_lab_up)
+    status = lab_sub.add_parser("status", help="which lab `lab up` runs, its nodes and agents "
+                                "(exit 1 when none is up or an agent is down)")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(func=cmd_lab_status)
+    down = lab_sub.add_parser("down", help="stop `lab up`'s lab and remove everything any lab "
+                              "left behind")
     down.set_defaults(func=cmd_lab_down)
-    for sp in (seed, lrun):
-        sp.add_argument("--keep-going", action="store_true",
-                        help="run every step even after an unmet expectation")
-        sp.add_argument("--json", type=Path, metavar="PATH",
-                        help="write every step's tallies as JSON to PATH ('-': stdout)")
-        sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
+    for sp in (seed, lrun, up):
         sp.add_argument("--source", choices=("kubernetes", "manifests"), default="kubernetes",
                         help="how the agents read the cluster: watching the lab's API server "
                         "(default), or a manifest directory the lab mirrors from it")
         sp.add_argument("--enrolment", choices=("cni", "all"), default="cni",
                         help="which sockets the agents take: the pods kmesh-cni enrolled in the "
                         "lab's CNI chain (default), or every process in the node's cgroup")
+    for sp in (seed, lrun):
+        sp.add_argument("--keep-going", action="store_true",
+                        help="run every step even after an unmet expectation")
+        sp.add_argument("--json", type=Path, metavar="PATH",
+                        help="write every step's tallies as JSON to PATH ('-': stdout)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="show agent logs")
 
 
 def cmd_lab_seed(args: argparse.Namespace) -> int:
@@ -49,9 +63,20 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
                     enrolment=args.enrolment)
 
 
-def cmd_lab_down(args: argparse.Namespace) -> int:
-    from kmesh_lab.cluster import teardown_all
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from kmesh_lab.labd import cmd_up
 
-    for line in teardown_all() or ["nothing to remove"]:
-        print(line)
-    return 0
+    return cmd_up(args.nodes, source=args.source, enrolment=args.enrolment,
+                  verbose=args.verbose)
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from kmesh_lab.labd import cmd_status
+
+    return cmd_status(args.output)
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from kmesh_lab.labd import cmd_down
+
+    return cmd_down()

@@ -29,6 +29,11 @@
   the Pods' status). :meth:`Lab.reconcile` runs them until nothing changes: level-triggered,
   so it is correct whoever changed the API server (a scenario step, or kubectl).
 
+``kmesh-plugin lab up`` (:mod:`kmesh_lab.labd`) runs a lab in the background with the
+controllers on a thread of their own, for kubectl: then :attr:`Lab.write_barrier` holds the
+answer to kubectl's writes until they are acted on, and :meth:`Lab.exec_in_pod` runs
+``kubectl exec``'s commands inside the pods.
+
 After every change the lab waits until every agent's status reports that it applied the API
 server's state (per resource, the resourceVersion of the last change): a condition, never a
 sleep. Everything created is recorded in ``<state>/lab.json`` and removed on exit, on Ctrl-C,
@@ -48,19 +53,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmesh_lab import cni, kube, netns, procs
 from kmesh_lab.apiserver import ApiError, ApiServer
+from kmesh_lab.kind import ARCH
 from kmesh_lab.kube import LabError, RunningPod
-from kmesh_lab.kubeclient import ApiStatusError, KubeClient
+from kmesh_lab.kubeclient import USER_AGENT, ApiStatusError, KubeClient
 from kmesh_plugin import config as config_mod
 from kmesh_plugin.config import Config
 from kmesh_plugin.datapath import loader, records
@@ -72,11 +79,15 @@ from kmesh_plugin.plugins import Plugins
 from kmesh_plugin.sources.inotify import Inotify
 from kmesh_plugin.sources.resources import WATCHED
 
+if TYPE_CHECKING:
+    from kmesh_lab.apiserver.remotecommand import ExecRequest
+
 STATE_ROOT = Path("/run/kmesh-lab")
 PREFIX = "kmesh-lab-"
 WORKLOADS = [sys.executable, "-m", "kmesh_lab.workloads"]
 AGENT = [sys.executable, "-m", "kmesh_plugin.cli", "run", "--config"]
 CONVERGE_TIMEOUT = 30.0
+KUBELET_VERSION = "v1.31.0"  # the seed's kindest/node image; /version says 1.31 too
 START_TIMEOUT = 30.0
 KMESH_PLUGIN = [sys.executable, "-m", "kmesh_plugin.cli"]
 DEFAULT_BUILD_DIR = Path("/var/cache/kmesh-plugin")
@@ -144,7 +155,15 @@ class Lab:
         # TLS: kubectl sends a bearer token only to an https server, and the agents then speak
         # to the lab as to a real cluster's API server.
         self.api = ApiServer(token=self.token, admission=[self._admit],
-                             bookmark_interval=BOOKMARK_INTERVAL, tls=True)
+                             bookmark_interval=BOOKMARK_INTERVAL, tls=True,
+                             exec_runner=self.exec_in_pod, after_write=self._after_write)
+        # Set by a lab that runs its controllers in the background (``kmesh-plugin lab up``):
+        # called with the revision of a write by anyone but the lab itself (kubectl), and
+        # returns once the controllers and every agent acted on it.
+        self.write_barrier: Callable[[int], None] | None = None
+        self.execs: list[subprocess.Popen[bytes]] = []  # kubectl exec's processes
+        self._execs_lock = threading.Lock()
+        self.up = False  # `lab up`'s lab (lab.json says so: `lab status` finds it)
         self.kube: KubeClient | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self.stopped_agents: set[str] = set()
@@ -200,6 +219,8 @@ class Lab:
         for node, labels in self.initial_nodes.items():
             self.client.create({"apiVersion": "v1", "kind": "Node",
                                 "metadata": {"name": node, "labels": labels}})
+            self.client.patch("Node", None, node, {"status": self._node_status(node)},
+                              subresource="status")
         self._write_hosts()
         self._mirror()
         for node in self.initial_nodes:
@@ -215,6 +236,9 @@ class Lab:
 
     def close(self) -> None:
         """Remove everything; keep going on errors and report them at the end."""
+        with self._execs_lock:
+            for proc in self.execs:
+                procs.stop(proc)
         errors = teardown(self.state, self._resources())
         with contextlib.suppress(Exception):
             self.api.stop()
@@ -234,6 +258,31 @@ class Lab:
             "kubeconfig": str(self.kubeconfig),
             "source": self.source,
             "enrolment": self.enrolment,
+            "nodes": list(self.initial_nodes),
+            "up": self.up,
+        }
+
+    def mark_up(self) -> None:
+        """Record this lab as `lab up`'s (run in the background, driven by kubectl)."""
+        self.up = True
+        self._record()
+
+    def _node_status(self, node: str) -> dict[str, Any]:
+        """What a kubelet reports, for `kubectl get nodes` (STATUS, VERSION, -o wide)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+            # Every node is this machine (its agent runs in the host's namespaces): its
+            # address is the host's, as the pods' hostIP says.
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                          {"type": "Hostname", "address": node}],
+            "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": KUBELET_VERSION,
+                         "osImage": "kmesh-lab", "kernelVersion": os.uname().release,
+                         "operatingSystem": "linux", "architecture": ARCH,
+                         "containerRuntimeVersion": "kmesh-lab://0.1", "machineID": "",
+                         "systemUUID": "", "bootID": ""},
         }
 
     def _record(self) -> None:
@@ -537,12 +586,21 @@ class Lab:
     # -- admission: what the API server itself would do ------------------------------------
 
     def _admit(self, verb: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        if obj.get("kind") != "Service" or verb not in ("create", "update"):
+        if verb not in ("create", "update"):
             return
         try:
-            self._admit_service(obj, old)
+            if obj.get("kind") == "Service":
+                self._admit_service(obj, old)
+            elif obj.get("kind") in ("Deployment", "Pod"):
+                # An image the lab cannot run is refused at once, with the images it can run,
+                # rather than left as a pod that never starts (kubectl apply says why).
+                kube.pod_specs(obj, obj["metadata"].get("namespace") or "default")
         except KmeshError as e:  # answered as the real API server refuses an invalid object
             raise ApiError(422, str(e), "Invalid") from None
+
+    def _after_write(self, user_agent: str, revision: int) -> None:
+        if self.write_barrier is not None and not user_agent.startswith(USER_AGENT):
+            self.write_barrier(revision)
 
     def _admit_service(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         from kmesh_plugin.model.objects import DEFAULT_AFFINITY_TIMEOUT, parse
@@ -920,6 +978,55 @@ class Lab:
         """The kubelet's running pods on ``node`` (not the unenrolled ones)."""
         return [p for p in self.pods.values() if p.node == node]
 
+    # -- kubectl exec -----------------------------------------------------------------------
+
+    def exec_in_pod(self, req: ExecRequest) -> subprocess.Popen[bytes]:
+        """Start ``kubectl exec``'s command in a running pod: in its network namespace and
+        its container's cgroup (so the node's datapath translates its connects), with the
+        pod's /etc/hosts and resolv.conf bind-mounted in a mount namespace of its own and the
+        container's env. The program itself is the host's (the lab pulls no images): curl,
+        sh, cat, ... as installed here."""
+        obj = self.api.get("Pod", req.namespace, req.pod)  # ApiError 404 as the server's
+        names = [c.get("name") for c in (obj.get("spec") or {}).get("containers") or []]
+        container = req.container or (names[0] if names else "")
+        if container not in names:
+            raise ApiError(400, f"container {container} is not valid for pod {req.pod}",
+                           "BadRequest")
+        pod = self.pods.get((req.namespace, req.pod))
+        if pod is None or not pod.ready or pod.terminating:
+            raise ApiError(400, f"pod {req.pod} is not running on a node of this lab (phase "
+                           f"{(obj.get('status') or {}).get('phase', 'Pending')})", "BadRequest")
+        if not req.command:
+            raise ApiError(400, "you must specify at least one command for the container",
+                           "BadRequest")
+        spec = next((c for c in pod.spec.containers if c.name == container), None)
+        etc = self.state / "exec" / req.namespace
+        etc.mkdir(parents=True, exist_ok=True)
+        services = self.api.list("Service")
+        _atomic_write(etc / "hosts", kube.pod_hosts_file(services, req.namespace))
+        _atomic_write(etc / "resolv.conf", kube.resolv_conf(req.namespace))
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": "/root", "HOSTNAME": req.pod, **(spec.env if spec else {})}
+        if req.tty:
+            env["TERM"] = "xterm"
+        try:
+            proc = procs.spawn(
+                req.command, netns=netns.path(pod.extra["netns"]), cgroup=pod.extra["cgroup"],
+                env=env, cwd="/",
+                stdin=subprocess.PIPE if req.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if req.stdout else subprocess.DEVNULL,
+                stderr=subprocess.PIPE if req.stderr else subprocess.DEVNULL,
+                binds={"/etc/hosts": str(etc / "hosts"),
+                       "/etc/resolv.conf": str(etc / "resolv.conf")},
+            )
+        except OSError as e:
+            # What the kubelet answers when the runtime cannot start the command.
+            raise ApiError(500, f"failed to exec in container: failed to start exec: "
+                           f"{req.command[0]}: {e.strerror or e}", "InternalError") from None
+        with self._execs_lock:
+            self.execs = [p for p in self.execs if p.poll() is None] + [proc]
+        return proc
+
     # -- traffic ----------------------------------------------------------------------------
 
     def client_pod(self, namespace: str, deployment: str | None = None,
@@ -1073,7 +1180,7 @@ def teardown_all() -> list[str]:
                 done.append(f"lab {state.name}: its runner (pid {owner}) is alive; stopping it")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(owner), signal.SIGTERM)
-                _wait_gone(int(owner), 20)
+                _wait_gone(int(owner), 60)  # it removes its own lab first
             problems = teardown(state, {
                 "netns_prefix": f"{PREFIX}{state.name}",
                 "cgroup": str(Path(cgroup2_root()) / f"{PREFIX}{state.name}"),

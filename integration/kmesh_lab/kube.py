@@ -414,6 +414,30 @@ def hosts_file(services: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pod_hosts_file(services: Iterable[Mapping[str, Any]], namespace: str) -> str:
+    """The /etc/hosts of a pod in ``namespace`` for programs that resolve through glibc (what
+    ``kubectl exec`` runs): glibc applies the resolv.conf search list to DNS only, never to
+    /etc/hosts, so each name the search list would find is written out (``svc`` for the pod's
+    own namespace, ``svc.ns``, ``svc.ns.svc``, the full name)."""
+    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+    for svc in services:
+        meta, spec = svc["metadata"], svc.get("spec") or {}
+        name, ns = meta["name"], meta["namespace"]
+        names = [f"{name}.{ns}.svc.{CLUSTER_DOMAIN}", f"{name}.{ns}.svc", f"{name}.{ns}"]
+        if ns == namespace:
+            names.append(name)
+        for ip in spec.get("clusterIPs") or []:
+            if ip != "None":
+                lines.append(f"{ip} {' '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def resolv_conf(namespace: str) -> str:
+    """A pod's resolv.conf as the kubelet writes it (ClusterFirst), without a nameserver: the
+    lab has no cluster DNS Service, names resolve through the pod's hosts file."""
+    return f"search {search_domains(namespace)}\noptions ndots:5\n"
+
+
 def search_domains(namespace: str) -> str:
     """A pod's resolv.conf search list: short names resolve in its own namespace first."""
     return f"{namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"

@@ -57,6 +57,11 @@ KINDS = {k.kind: k for k in (
 )}
 
 
+# The lab's own components write with this User-Agent; the API server's write barrier of
+# `lab up` waits only on everybody else's (kubectl's) writes.
+USER_AGENT = "kmesh-lab/0.1"
+
+
 class ApiStatusError(LabError):
     """The API server refused a request; ``code`` and ``reason`` are its Status's."""
 
@@ -87,6 +92,7 @@ class KubeClient:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
         req.add_header("Accept", "application/json")
+        req.add_header("User-Agent", USER_AGENT)
         if data is not None:
             req.add_header("Content-Type", content_type)
         if self.token:
@@ -163,7 +169,7 @@ class KubeClient:
             "watch": "1", "resourceVersion": resource_version,
             "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds),
         })
-        req = urllib.request.Request(url)
+        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(req, timeout=timeout_seconds + 30,

@@ -4,8 +4,11 @@ A lab pod is a network namespace plus a cgroup: the cgroup eBPF connect hook of 
 attached to a node's cgroup subtree, and only processes inside that subtree are translated. So
 every pod process must be in its cgroup *before* its first ``connect()``, i.e. before ``exec``.
 
-Only the network namespace is entered (``setns(CLONE_NEWNET)``), never a mount namespace:
-``ip netns exec`` would remount /sys and hide /sys/fs/bpf and the cgroup tree from the child.
+The pod's network namespace is entered (``setns(CLONE_NEWNET)``), never a mount namespace of
+``ip netns exec``, which would remount /sys and hide /sys/fs/bpf and the cgroup tree from the
+child. A program that reads the pod's /etc/hosts and resolv.conf itself (``kubectl exec``'s
+commands: curl resolves names through glibc) gets a private mount namespace of its own with
+those files bind-mounted over the host's (``binds``); nothing else of the host's mounts changes.
 
 The helpers here also create and tear down cgroup trees, waiting for the kernel to report a
 cgroup empty (``cgroup.events``) instead of sleeping for a fixed time.
@@ -38,12 +41,21 @@ __all__ = [
 ]
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
 
 # Resolved once in the parent: the pre-exec hook runs between fork and exec, where loading a
 # library (which allocates and takes locks) is best avoided.
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.mount.restype = ctypes.c_int
 
 _File = int | IO[Any] | None
 
@@ -88,8 +100,10 @@ def _make_preexec(
     report_fd: int,
     netns: str | None,
     cgroup: str | None,
+    binds: Sequence[tuple[bytes, bytes]] = (),
 ) -> Any:
-    """Build the pre-exec hook: join the cgroup, then the netns; report failures on a pipe.
+    """Build the pre-exec hook: join the cgroup, then the netns, then bind-mount ``binds`` in a
+    private mount namespace; report failures on a pipe.
 
     ``subprocess`` turns any pre-exec exception into a bare "Exception occurred in
     preexec_fn.", so the hook writes ``errno:message`` to ``report_fd`` first; the parent reads
@@ -107,6 +121,18 @@ def _make_preexec(
                 if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err))
+            if binds:
+                step = "unshare a mount namespace"
+                # Private first: the bind mounts must not propagate back to the host's.
+                if (_libc.unshare(CLONE_NEWNS) != 0
+                        or _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0):
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+                for target, source in binds:
+                    step = f"bind-mount {source.decode()} over {target.decode()}"
+                    if _libc.mount(source, target, None, MS_BIND, None) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, os.strerror(err))
         except OSError as exc:
             os.write(report_fd, f"{exc.errno or 0}:{step}: {exc.strerror}".encode())
             raise
@@ -135,18 +161,21 @@ def spawn(
     stdout: _File = subprocess.PIPE,
     stderr: _File = None,
     cwd: str | None = None,
+    binds: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in cgroup directory ``cgroup`` and network namespace file ``netns``.
 
-    Either may be None to stay where the caller is. The child is a session and process-group
-    leader, so :func:`stop` can signal everything it forks. Raises :class:`SpawnError` naming
-    the path when the cgroup or namespace cannot be joined, and OSError when ``argv[0]`` cannot
-    be executed.
+    Either may be None to stay where the caller is. ``binds`` (target -> source file): a
+    private mount namespace where each source is bind-mounted over its target. The child is a
+    session and process-group leader, so :func:`stop` can signal everything it forks. Raises
+    :class:`SpawnError` naming the path when the cgroup or namespace cannot be joined, and
+    OSError when ``argv[0]`` cannot be executed.
     """
     ns_fd, cg_fd = _open_targets(netns, cgroup)
     report_r, report_w = os.pipe()  # O_CLOEXEC: closes by itself when exec succeeds
     try:
-        preexec = _make_preexec(ns_fd, cg_fd, report_w, netns, cgroup)
+        binds_b = [(t.encode(), src.encode()) for t, src in (binds or {}).items()]
+        preexec = _make_preexec(ns_fd, cg_fd, report_w, netns, cgroup, binds_b)
         try:
             return subprocess.Popen(
                 list(argv),
