@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${KMESH_VENV:-$ROOT/.venv}
 APT_PACKAGES=(clang bpftool libbpf-dev iproute2 containernetworking-plugins gcc python3-venv
-              iptables nftables conntrack openssl util-linux podman runc busybox-static)
+              iptables nftables conntrack openssl util-linux podman runc busybox-static curl)
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "run.sh: needs root (eBPF programs, cgroups, network namespaces)" >&2
@@ -33,6 +33,7 @@ apt_missing() {
     command -v conntrack >/dev/null || missing+=(conntrack)
     command -v openssl >/dev/null || missing+=(openssl)  # the lab API server's TLS certificate
     command -v setpriv >/dev/null || missing+=(util-linux)  # deploy/measure_caps.py
+    command -v curl >/dev/null || missing+=(curl)  # what the seed's `kubectl exec` runs in a pod
     # integration/tests/test_podman.py: a real CNI runtime (podman's CNI backend; runc, since
     # crun refuses the hybrid cgroup layout) and the static busybox its offline image is made of.
     command -v podman >/dev/null || missing+=(podman)
