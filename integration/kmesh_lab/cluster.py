@@ -1176,7 +1176,7 @@ def teardown_all() -> list[str]:
         for state in sorted(STATE_ROOT.iterdir()):
             record = _read_json(state / "lab.json") or {}
             owner = record.get("pid")
-            if owner and _alive(int(owner)) and int(owner) != os.getpid():
+            if owner and alive(int(owner)) and int(owner) != os.getpid():
                 done.append(f"lab {state.name}: its runner (pid {owner}) is alive; stopping it")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(owner), signal.SIGTERM)
@@ -1206,7 +1206,10 @@ def teardown_all() -> list[str]:
     return done
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (0 and negatives: no)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from kmesh_lab import kind
-from kmesh_lab.cluster import ENROLMENTS, SOURCES, STATE_ROOT, Lab, teardown_all
+from kmesh_lab.cluster import ENROLMENTS, SOURCES, STATE_ROOT, Lab, alive, teardown_all
 from kmesh_lab.kube import LabError
 
 WRITE_TIMEOUT = 120.0  # the longest a kubectl write waits for the controllers
@@ -200,7 +200,7 @@ def running_up() -> dict[str, Any] | None:
             record = json.loads((state / "lab.json").read_text())
         except (OSError, ValueError):
             continue
-        if record.get("up") and _alive(int(record.get("pid") or 0)):
+        if record.get("up") and alive(int(record.get("pid") or 0)):
             return record
     return None
 
@@ -273,7 +273,7 @@ def cmd_status(output: str = "text") -> int:
         print("no lab is up (kmesh-plugin lab up starts one)" if output == "text"
               else json.dumps({"up": False}))
         return 1
-    agents = {node: {"pid": pid, "alive": _alive(int(pid))}
+    agents = {node: {"pid": pid, "alive": alive(int(pid))}
               for node, pid in (record.get("agents") or {}).items()}
     healthy = all(a["alive"] for a in agents.values()) and len(agents) == len(
         record.get("nodes") or agents)
@@ -291,18 +291,6 @@ def cmd_status(output: str = "text") -> int:
                 f"agent pid {agent['pid']} {'running' if agent['alive'] else 'DEAD'}")
             print(f"  node {node}: {state} (kmesh-plugin status --node {node})")
     return 0 if healthy else 1
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":

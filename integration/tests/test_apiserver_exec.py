@@ -113,11 +113,9 @@ def group_gone(pgid: int) -> bool:
     return True
 
 
-@pytest.fixture
-def exec_server() -> Iterator[tuple[ApiServer, Runner]]:
-    if shutil.which("openssl") is None:
-        missing("openssl is not installed")
-    server = ApiServer(token=TOKEN, tls=True)
+def serve_with_runner(**kwargs: Any) -> Iterator[tuple[ApiServer, Runner]]:
+    """A started server whose exec runs real processes; stopped and reaped at the end."""
+    server = ApiServer(**kwargs)
     runner = Runner(server)
     server.exec_runner = runner
     seed(server)
@@ -130,6 +128,13 @@ def exec_server() -> Iterator[tuple[ApiServer, Runner]]:
         finally:
             runner.reap_all()
     assert all(p.returncode is not None for p in runner.started)
+
+
+@pytest.fixture
+def exec_server() -> Iterator[tuple[ApiServer, Runner]]:
+    if shutil.which("openssl") is None:
+        missing("openssl is not installed")
+    yield from serve_with_runner(token=TOKEN, tls=True)
 
 
 @pytest.fixture
@@ -329,18 +334,7 @@ def channel_data(messages: list[tuple[int, bytes]], channel: int) -> bytes:
 
 @pytest.fixture
 def plain_server() -> Iterator[tuple[ApiServer, Runner]]:
-    server = ApiServer()
-    runner = Runner(server)
-    server.exec_runner = runner
-    seed(server)
-    server.start()
-    try:
-        yield server, runner
-    finally:
-        try:
-            stop_cleanly(server)
-        finally:
-            runner.reap_all()
+    yield from serve_with_runner()
 
 
 def test_v4_pings_and_fragmented_stdin(plain_server: tuple[ApiServer, Runner]) -> None:

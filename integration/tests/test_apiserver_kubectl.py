@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_apiserver import DEPLOYMENT as BASE_DEPLOYMENT
 from test_apiserver import (
     Kubectl,
     endpoint_slice,
@@ -408,25 +409,7 @@ def test_table_accept_parsing() -> None:
 
 # --- apply, create -f with kubectl's default validation ------------------------------------
 
-DEPLOYMENT = """\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-  namespace: demo
-  labels: {app: web}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      containers:
-      - name: app
-        image: IMAGE
-        ports: [{containerPort: 80}]
-        env: [{name: A, value: "1"}]
-"""
+DEPLOYMENT = BASE_DEPLOYMENT.replace("replicas: 1", "replicas: 2")
 
 
 def kubectl_writes(server: ApiServer, since: int = 0) -> list[tuple[str, str, dict[str, str]]]:
