@@ -642,7 +642,8 @@ class Lab:
         """Run the Deployment controller, scheduler, kubelets and EndpointSlice controller
         until a round changes nothing."""
         for _ in range(rounds):
-            changed = self._deployments()
+            changed = self._namespaces()
+            changed |= self._deployments()
             changed |= self._schedule()
             changed |= self._kubelets()
             changed |= self._endpoint_slices()
@@ -651,6 +652,20 @@ class Lab:
         self._release_cluster_ips()
         self._write_hosts()
         self._mirror()
+
+    def _namespaces(self) -> bool:
+        """The namespace controller: what lives in a deleted Namespace goes too (kubectl
+        delete namespace; Lab.delete does the same at once)."""
+        changed = False
+        existing = {ns["metadata"]["name"] for ns in self.client.list("Namespace")}
+        for kind in ("Deployment", "Service", "Pod"):
+            for obj in self.client.list(kind):
+                meta = obj["metadata"]
+                if meta["namespace"] not in existing and not (
+                        kind == "Pod" and kube.pod_terminating(obj)):
+                    self.client.delete(kind, meta["namespace"], meta["name"])
+                    changed = True
+        return changed
 
     def _deployments(self) -> bool:
         """Pods for each Deployment's replicas of its current template; orphans deleted."""

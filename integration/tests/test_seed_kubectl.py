@@ -217,6 +217,10 @@ def test_kubectl_verbs_beyond_the_seed(lab_up: Shell) -> None:
                  "  template:\n    metadata: {labels: {app: nginx}}\n    spec:\n"
                  "      containers: [{name: nginx, image: nginx}]\nEOF", check=False)
     assert bad.returncode == 1 and "cannot run in the lab" in bad.stderr, bad
+    # The namespace controller: deleting the namespace takes its pods, Services and
+    # Deployments with it (the write is answered once they are gone).
+    assert lab_up("kubectl delete namespace sample").stdout.strip() == 'namespace "sample" deleted'
+    assert lab_up("kubectl get pods,services,deployments -A -o name").stdout == ""
 
 
 def test_lab_down_leaves_nothing(lab_up: Shell) -> None:
