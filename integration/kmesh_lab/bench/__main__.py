@@ -3,6 +3,9 @@
 Writes results.json, summary.md and datapath.png to --out and prints the tables. --quick is a
 small, fast run (also what the test suite runs) that exercises every measurement.
 
+Every paired ratio carries a 95% bootstrap interval, and every target is judged per N by its
+interval (pass, fail, or inconclusive, which adds rounds up to --settle-seconds).
+
 Suites (--only/--skip): datapath (TCP connect and request/response through each load balancer
 at --ns, connect4/6 cost), udp (UDP request/response through sendmsg/recvmsg vs direct at
 --udp-ns, cost of sendmsg4/6, recvmsg4/6, getpeername4/6), affinity (connect rate of one Service
@@ -37,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="numbers of Services (udp and affinity suites)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--window", type=float, default=1.0, help="seconds per measured run")
+    p.add_argument("--settle-seconds", type=float, default=120.0,
+                   help="an inconclusive verdict (its 95%% interval straddles the target) adds "
+                        "rounds for its N and suite for up to this long (0: never)")
     p.add_argument("--threads", type=int, default=0,
                    help="client threads (0: the fewest that saturate the direct path)")
     p.add_argument("--sync", default="10000x10,1000x100", help="full-sync shapes SxE")
@@ -52,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.udp_ns = "1,100"
         args.sync, args.changes, args.relabel = "200x5", 20, "200x5"
         args.cni_pods = min(args.cni_pods, 20)
+        args.settle_seconds = min(args.settle_seconds, 1.0)
     return args
 
 
@@ -77,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m kmesh_lab.bench " + shlex.join(argv or sys.argv[1:]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": report.machine(),
-        "settings": {"ns": ns, "udp_ns": udp_ns, "rounds": args.rounds, "window": args.window},
+        "settings": {"ns": ns, "udp_ns": udp_ns, "rounds": args.rounds, "window": args.window,
+                     "settle_seconds": args.settle_seconds,
+                     "interval": {"level": report.LEVEL, "resamples": report.RESAMPLES,
+                                  "seed": report.SEED, "min_rounds": report.MIN_ROUNDS}},
     }
     if NET_SUITES - skip:
         loadgen = build_loadgen(args.build_dir)
@@ -136,19 +146,36 @@ def run_datapath(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict
         programmed = datapath.program(net, n)
         out["programming_seconds"][str(n)] = programmed.seconds
         for mode, key in (("cc", "connect"), ("rr", "request")):
+            # The connect rate is a target: settle its verdict for this N.
+            settle = datapath.Settle("bpf", "direct", report.CONNECT_TARGET,
+                                     args.settle_seconds) if mode == "cc" else None
             for r in datapath.measure(net, programmed, mode=mode, rounds=args.rounds,
-                                      window=args.window, threads=threads):
+                                      window=args.window, threads=threads, settle=settle):
                 s = r.summary()
                 out[key].append(s)
-                print(f"  {mode} {r.path:<9} {s['rate']:>10,.0f} conn/s  p50 {s['p50_us']:7.1f} us"
-                      f"  p99 {s['p99_us']:7.1f} us  errors {s['errors'] or '-'}")
+                print(f"  {mode} {r.path:<13} {s['rate']:>10,.0f} conn/s  "
+                      f"x{_interval(s['ratio_interval'])}  p50 {s['p50_us']:7.1f} us"
+                      f"  p99 {s['p99_us']:7.1f} us  errors {s['errors'] or '-'}"
+                      f"{_settled(s.get('settle'))}")
         cost = datapath.program_cost(net, programmed, window=args.window, threads=1,
-                                     repeats=1 if args.quick else 5)
+                                     repeats=1 if args.quick else 5,
+                                     settle_seconds=args.settle_seconds)
         out["program_cost"] += cost
         for c in cost:
-            print(f"  cost {c['program']} {c['mode']:<8} {c['ns_per_run']:.0f} ns/run "
-                  f"({c['runs']} runs)")
+            print(_cost_line(c))
+    out["machine"] = report.machine()["id"]
     return out
+
+
+def _interval(iv: dict[str, Any] | None) -> str:
+    return "-" if not iv else f"{iv['median']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+
+
+def _settled(s: dict[str, Any] | None) -> str:
+    if not s:
+        return ""
+    return (f"  -> {s['verdict']} (+{s['added_rounds']} rounds, {s['seconds']:.1f} s)"
+            if s["added_rounds"] else f"  -> {s['verdict']}")
 
 
 def _row(r: dict[str, Any], unit: str) -> str:
@@ -158,8 +185,12 @@ def _row(r: dict[str, Any], unit: str) -> str:
 
 def _cost_line(c: dict[str, Any]) -> str:
     ns = f"{c['ns_per_run']:.0f}" if c["ns_per_run"] else "-"
-    return (f"  cost {c['program']:<12} {c['mode']:<16} {ns} ns/run ({c['runs']} runs"
-            f"{', errors ' + str(c['errors']) if c['errors'] else ''})")
+    floor = ""
+    if c.get("floor_ns_per_run"):
+        floor = (f", floor {c['floor_ns_per_run']:.0f} ns, {c['difference_ns']:+.0f} ns, "
+                 f"x{_interval(c.get('floor_interval'))}")
+    return (f"  cost {c['program']:<12} {c['mode']:<16} {ns} ns/run{floor} ({c['runs']} runs"
+            f"{', errors ' + str(c['errors']) if c['errors'] else ''}){_settled(c.get('settle'))}")
 
 
 def run_udp(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict[str, Any]:
@@ -169,15 +200,18 @@ def run_udp(net: BenchNet, args: argparse.Namespace, ns: list[int]) -> dict[str,
         print(f"udp: N={n} UDP Services")
         programmed = udp.program_udp(net, n)
         out["programming_seconds"][str(n)] = programmed.seconds
-        for s in udp.measure_udp(net, programmed, rounds=args.rounds, window=args.window):
+        for s in udp.measure_udp(net, programmed, rounds=args.rounds, window=args.window,
+                                 settle_seconds=args.settle_seconds):
             out["request"].append(s)
             print(f"  udp {s['path']:<9} {_row(s, 'rr/s')}  (runs' totals "
-                  f"x{s['ratio_of_rounds']:.3f}, {s['pairs']} block pairs)")
+                  f"x{s['ratio_of_rounds']:.3f}, {s['pairs']} block pairs; per run "
+                  f"x{_interval(s['ratio_interval'])}){_settled(s.get('settle'))}")
         cost = udp.udp_program_cost(net, programmed, window=args.window, threads=1,
                                     repeats=1 if args.quick else 5)
         out["program_cost"] += cost
         for c in cost:
             print(_cost_line(c))
+    out["machine"] = report.machine()["id"]
     return out
 
 
@@ -188,17 +222,18 @@ def run_affinity(net: BenchNet, args: argparse.Namespace, ns: list[int],
         print(f"affinity: N={n} TCP Services, {threads} client thread(s)")
         run = udp.program_affinity(net, n)
         m = udp.measure_affinity(net, run, rounds=args.rounds, window=args.window,
-                                 threads=threads)
+                                 threads=threads, settle_seconds=args.settle_seconds)
         out["connect"].append(m)
         for s in m["rows"]:
             print(f"  cc {s['path']:<11} {_row(s, 'conn/s')}")
-        print(f"  affinity / no-affinity (paired): x{m['ratio_to_no_affinity']:.3f}; "
-              f"entry {m['entry']}")
+        print(f"  affinity / no-affinity (paired): x{_interval(m['ratio_interval'])}"
+              f"{_settled(m.get('settle'))}; entry {m['entry']}")
         cost = udp.affinity_program_cost(net, run, window=args.window, threads=1,
                                          repeats=1 if args.quick else 5)
         out["program_cost"] += cost
         for c in cost:
             print(_cost_line(c))
+    out["machine"] = report.machine()["id"]
     return out
 
 
@@ -217,6 +252,7 @@ def run_control(net: BenchNet, args: argparse.Namespace) -> dict[str, Any]:
     api["single_change"] = control.api_single_changes(net, s, e, args.changes)
     api["relist"] = control.api_relist_under_load(net, *shape(args.relabel))
     out["api"] = api
+    out["machine"] = report.machine()["id"]
     return out
 
 

@@ -12,7 +12,9 @@ udp suite, for each N (1 and 10,000 by default):
     sendmsg4/6 and recvmsg4/6 (loadgen mode udp, bpf pod only, against a v4 and a v6
     ClusterIP) and of getpeername4/6 (loadgen mode peer: getpeername() in a loop on a UDP
     socket connect()ed to the ClusterIP), from the kernel's BPF stats, like
-    datapath.program_cost.
+    datapath.program_cost: each against its floor, an empty program on the same hook and
+    cgroup, over the same windows. The verdict goes by the 95% interval of each run's median
+    block pair (report.interval); while inconclusive, more runs (report.settle).
 
 affinity suite, for each N:
     N TCP Services are programmed (datapath.program, eBPF only). The measured Service is
@@ -22,8 +24,9 @@ affinity suite, for each N:
     in interleaved, shuffled rounds. The ratio is each round's affinity rate over that round's
     no-affinity rate, median over rounds. With affinity every connect of the bpf pod after its
     first finds its entry in kmesh_affinity (one client: one netns) and takes the sticky path;
-    the run checks that the entry exists and was used during the run. Then connect4's cost with
-    and without affinity.
+    the run checks that the entry exists and was used during the run. The verdict goes by the
+    95% interval of the per-round ratios; while inconclusive, more rounds of the three paths.
+    Then connect4's cost with and without affinity.
 """
 
 from __future__ import annotations
@@ -33,14 +36,14 @@ import random
 import socket
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from kmesh_lab import cni
-from kmesh_lab.bench import datapath
+from kmesh_lab.bench import datapath, report
 from kmesh_lab.bench.datapath import Programmed
 from kmesh_lab.bench.topology import SERVER_PORT, BenchNet
 from kmesh_plugin.datapath import records
@@ -91,18 +94,18 @@ def program_udp(net: BenchNet, n: int) -> Programmed:
 UDP_BLOCK = 0.01  # s: one block of `loadgen pair`; 100 to 400 round trips here
 
 
-def measure_udp(net: BenchNet, programmed: Programmed, *, rounds: int, window: float,
-                block: float = UDP_BLOCK, seed: int = 1) -> list[dict[str, Any]]:
-    """Direct and bpf UDP round trips side by side: ``rounds`` runs of `loadgen pair` of
-    ``window`` s, one thread alternating blocks between a socket of the direct pod (to the
-    server's pod IP) and one of the bpf pod (to the ClusterIP). Which pod the process starts
-    in is shuffled per round. The bpf ratio (ratio_to_direct) is the median over every block
-    pair of bpf's rate over direct's; ratio_of_rounds the median of each run's totals'."""
-    rng = random.Random(seed)
-    results = {p: datapath.PathResult(p, programmed.n, "udp") for p in ("direct", "bpf")}
-    round_ratios = []
-    for _ in range(rounds):
-        first, second = ("direct", "bpf") if rng.random() < 0.5 else ("bpf", "direct")
+class UdpRounds:
+    """The runs of measure_udp, to which a settle adds more."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.results = {p: datapath.PathResult(p, n, "udp") for p in ("direct", "bpf")}
+        self.round_ratios: list[float] = []  # each run's totals, bpf over direct
+        self.pair_ratios: list[float] = []  # each run's median block pair, bpf over direct
+
+    def run(self, net: BenchNet, programmed: Programmed, window: float, block: float) -> None:
+        results = self.results
+        first, second = ("direct", "bpf") if self.rng.random() < 0.5 else ("bpf", "direct")
         run = net.pair(first, programmed.targets[first], second, programmed.targets[second],
                        "udp", window, block)
         sides = {first: run["a"], second: run["b"]}
@@ -114,19 +117,48 @@ def measure_udp(net: BenchNet, programmed: Programmed, *, rounds: int, window: f
             for err, count in side["errors"].items():
                 r.errors[err] = r.errors.get(err, 0) + int(count)
         pairs = [(a, b) if first == "direct" else (b, a) for a, b in run["pairs"]]
-        results["bpf"].ratios += [b / d for d, b in pairs if d > 0]
+        mine = [b / d for d, b in pairs if d > 0]
+        results["bpf"].ratios += mine
         results["direct"].ratios += [1.0] * len(pairs)
+        if mine:
+            self.pair_ratios.append(statistics.median(mine))
         if sides["direct"]["rate"]:
-            round_ratios.append(sides["bpf"]["rate"] / sides["direct"]["rate"])
-    out = []
-    for path, r in results.items():
-        s = r.summary()
-        del s["ratios"]  # one per block pair: hundreds
-        s["pairs"] = len(r.ratios)
-        s["round_ratios"] = round_ratios if path == "bpf" else [1.0] * len(round_ratios)
-        s["ratio_of_rounds"] = statistics.median(s["round_ratios"]) if round_ratios else None
-        out.append(s)
-    return out
+            self.round_ratios.append(sides["bpf"]["rate"] / sides["direct"]["rate"])
+
+    def summaries(self) -> list[dict[str, Any]]:
+        out = []
+        for path, r in self.results.items():
+            s = r.summary()
+            del s["ratios"]  # one per block pair: hundreds
+            del s["ratio_interval"]  # over block pairs, not runs: see round_pair_ratios
+            s["pairs"] = len(r.ratios)
+            bpf = path == "bpf"
+            s["round_ratios"] = self.round_ratios if bpf else [1.0] * len(self.round_ratios)
+            s["ratio_of_rounds"] = statistics.median(s["round_ratios"]) \
+                if self.round_ratios else None
+            s["round_pair_ratios"] = self.pair_ratios if bpf else [1.0] * len(self.pair_ratios)
+            s["ratio_interval"] = report.interval(s["round_pair_ratios"])
+            out.append(s)
+        return out
+
+
+def measure_udp(net: BenchNet, programmed: Programmed, *, rounds: int, window: float,
+                block: float = UDP_BLOCK, seed: int = 1,
+                settle_seconds: float = 0.0) -> list[dict[str, Any]]:
+    """Direct and bpf UDP round trips side by side: ``rounds`` runs of `loadgen pair` of
+    ``window`` s, one thread alternating blocks between a socket of the direct pod (to the
+    server's pod IP) and one of the bpf pod (to the ClusterIP). Which pod the process starts
+    in is shuffled per round. The bpf ratio (ratio_to_direct) is the median over every block
+    pair of bpf's rate over direct's; ratio_of_rounds the median of each run's totals';
+    round_pair_ratios each run's median block pair, over which the 95% interval and the
+    verdict go. While that verdict is inconclusive, more runs, up to ``settle_seconds``."""
+    state = UdpRounds(programmed.n, seed)
+    for _ in range(rounds):
+        state.run(net, programmed, window, block)
+    state.results["bpf"].settle = report.settle(
+        lambda: state.pair_ratios, lambda: state.run(net, programmed, window, block),
+        report.UDP_TARGET, seconds=settle_seconds)
+    return state.summaries()
 
 
 # -- kernel BPF stats ---------------------------------------------------------------------------
@@ -143,17 +175,17 @@ def bpf_stats() -> Iterator[None]:
 
 
 def stats_delta(net: BenchNet, programs: Sequence[str], run: Callable[[], dict[str, Any]],
-                tool: Bpftool | None = None) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
-    """(program -> (runs, run_time_ns) during ``run()``, run()'s loadgen report)."""
+                tool: Bpftool | None = None, floors: Mapping[str, str] | None = None
+                ) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """(program -> (runs, run_time_ns) during ``run()``, run()'s loadgen report); with
+    ``floors`` (hook -> the floor program's id) also "floor:<hook>" for each."""
     assert net.dp is not None
     tool = tool or Bpftool()
     pins = {p: net.dp.pins.progs / f"kmesh_{p}" for p in programs}
-    before = {p: tool.prog_show(path) for p, path in pins.items()}
-    report = run()
-    after = {p: tool.prog_show(path) for p, path in pins.items()}
-    return {p: (after[p].get("run_cnt", 0) - before[p].get("run_cnt", 0),
-                after[p].get("run_time_ns", 0) - before[p].get("run_time_ns", 0))
-            for p in programs}, report
+    before = datapath.prog_counters(tool, pins, floors or {})
+    outcome = run()
+    after = datapath.prog_counters(tool, pins, floors or {})
+    return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}, outcome
 
 
 @dataclass
@@ -196,23 +228,23 @@ def udp_program_cost(net: BenchNet, programmed: Programmed, *, window: float, th
     targets = {4: (address, port), 6: (UDP_VIP6, 53)}
     loads = [(family, load) for family in (4, 6) for load in ("udp", "peer")]
     progs = {"udp": ("sendmsg", "recvmsg"), "peer": ("getpeername",)}
-    cost = {(f"{p}{family}"): CostSamples(programmed.n, "random", f"{p}{family}", load)
+    cost = {(f"{p}{family}"): datapath.FloorCost(programmed.n, "random", f"{p}{family}", load)
             for family, load in loads for p in progs[load]}
     rng = random.Random(seed)
     tool = Bpftool()
     try:
-        with bpf_stats():
+        with bpf_stats(), datapath.floor_attached(net, list(cost)) as floors:
             for _ in range(repeats):
                 order = loads[:]
                 rng.shuffle(order)
                 for family, load in order:
                     host, p = targets[family]
                     names = [f"{prog}{family}" for prog in progs[load]]
-                    deltas, report = stats_delta(
+                    deltas, outcome = stats_delta(
                         net, names, partial(net.client, "bpf", host, p, load, window, threads),
-                        tool)
+                        tool, {name: floors[name] for name in names})
                     for name in names:
-                        cost[name].add(*deltas[name], report["errors"])
+                        cost[name].add(deltas[name], deltas[f"floor:{name}"], outcome["errors"])
     finally:
         net.writer.publish({front6: None})
     return [c.summary() for c in cost.values()]
@@ -251,7 +283,8 @@ def set_affinity(net: BenchNet, run: AffinityRun, on: bool) -> None:
 
 
 def measure_affinity(net: BenchNet, run: AffinityRun, *, rounds: int, window: float,
-                     threads: int, seed: int = 1) -> dict[str, Any]:
+                     threads: int, seed: int = 1, settle_seconds: float = 0.0
+                     ) -> dict[str, Any]:
     """Interleaved rounds of direct, no-affinity and affinity connect + close runs."""
 
     def prepare(path: str) -> None:
@@ -261,7 +294,9 @@ def measure_affinity(net: BenchNet, run: AffinityRun, *, rounds: int, window: fl
     results = datapath.measure(net, run.programmed, mode="cc", rounds=rounds, window=window,
                                threads=threads, seed=seed, paths=AFFINITY_PATHS,
                                client_of={"no-affinity": "bpf", "affinity": "bpf"},
-                               prepare=prepare)
+                               prepare=prepare,
+                               settle=datapath.Settle("affinity", "no-affinity",
+                                                      report.AFFINITY_TARGET, settle_seconds))
     by_path = {r.path: r for r in results}
     on, off = by_path["affinity"], by_path["no-affinity"]
     # Paired per round, like the ratio to direct.
@@ -270,7 +305,8 @@ def measure_affinity(net: BenchNet, run: AffinityRun, *, rounds: int, window: fl
     set_affinity(net, run, False)
     return {"n": run.programmed.n, "rows": [r.summary() for r in results],
             "ratio_to_no_affinity": statistics.median(pairs) if pairs else None,
-            "ratios": pairs, "entry": entry}
+            "ratio_interval": report.interval(pairs), "ratios": pairs,
+            "settle": on.settle, "entry": entry}
 
 
 def affinity_entry(net: BenchNet, frontend: Frontend) -> dict[str, Any] | None:
@@ -303,11 +339,11 @@ def affinity_program_cost(net: BenchNet, run: AffinityRun, *, window: float, thr
             for i in range(repeats):
                 for on in (False, True) if i % 2 == 0 else (True, False):
                     set_affinity(net, run, on)
-                    deltas, report = stats_delta(
+                    deltas, outcome = stats_delta(
                         net, list(progs),
                         partial(net.client, "bpf", address, port, "cc", window, threads), tool)
                     for prog in progs:
-                        cost[(on, prog)].add(*deltas[prog], report["errors"])
+                        cost[(on, prog)].add(*deltas[prog], outcome["errors"])
     finally:
         set_affinity(net, run, False)
     return [c.summary() for c in cost.values()]
