@@ -67,8 +67,12 @@ def _output_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmesh-plugin", description=__doc__.splitlines()[0])
+def _parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+            extensions: bool = True) -> argparse.ArgumentParser:
+    """The command line. ops.locate parses a running agent's argv with this same definition
+    (its own ``parser_class``, which neither prints nor exits; no extensions, which only add
+    other commands), so it reads ``--config`` exactly as the agent did."""
+    p = parser_class(prog="kmesh-plugin", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = _config_arg(sub.add_parser("run", help="run the node agent"))
@@ -130,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="also while an agent still holds the pin dir")
     uninstall.set_defaults(func=cmd_uninstall)
 
-    _add_extensions(sub)
+    if extensions:
+        _add_extensions(sub)
     return p
 
 
@@ -157,7 +162,10 @@ def _located_config(args: argparse.Namespace, seat: bool = False) -> config_mod.
     if args.config is None and args.node:
         from kmesh_plugin.ops.locate import config_for_node
 
-        return config_mod.load(config_for_node(args.node))
+        # The agent resolved its node name in its own environment ([node] name, else its
+        # $NODE_NAME, else its host name), not in ours: the config is loaded with the name
+        # the agent was found under, so status/dump/explain speak for that node.
+        return config_mod.load(config_for_node(args.node), overrides={"node.name": args.node})
     cfg = _load_config(args.config)
     if args.node and not seat and args.node != cfg.node_name:
         raise ConfigError(cfg.path, "node.name", f"is {cfg.node_name!r}, not --node "
