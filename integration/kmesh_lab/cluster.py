@@ -87,6 +87,10 @@ PREFIX = "kmesh-lab-"
 WORKLOADS = [sys.executable, "-m", "kmesh_lab.workloads"]
 AGENT = [sys.executable, "-m", "kmesh_plugin.cli", "run", "--config"]
 CONVERGE_TIMEOUT = 30.0
+# `lab down`'s wait for a lab's runner to remove its own lab before it is SIGKILLed: longer
+# than `lab up`'s daemon takes at worst (labd.STOP_JOIN for a controller pass in flight, then
+# close(): each agent's SIGKILL waited <= 10 s, the cgroups <= 20 s).
+RUNNER_STOP_TIMEOUT = 120.0
 KUBELET_VERSION = "v1.31.0"  # the seed's kindest/node image; /version says 1.31 too
 START_TIMEOUT = 30.0
 KMESH_PLUGIN = [sys.executable, "-m", "kmesh_plugin.cli"]
@@ -249,6 +253,7 @@ class Lab:
         return {
             "id": self.id,
             "pid": os.getpid(),
+            "pid_start": start_ticks(os.getpid()),
             "cgroup": str(self.cgroup),
             "pin_root": str(self.pin_root),
             "fabric": self.fabric.netns_name,
@@ -599,8 +604,9 @@ class Lab:
             raise ApiError(422, str(e), "Invalid") from None
 
     def _after_write(self, user_agent: str, revision: int) -> None:
-        if self.write_barrier is not None and not user_agent.startswith(USER_AGENT):
-            self.write_barrier(revision)
+        barrier = self.write_barrier  # once: the controllers' stop may clear it meanwhile
+        if barrier is not None and not user_agent.startswith(USER_AGENT):
+            barrier(revision)
 
     def _admit_service(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         from kmesh_plugin.model.objects import DEFAULT_AFFINITY_TIMEOUT, parse
@@ -1022,8 +1028,6 @@ class Lab:
         _atomic_write(etc / "resolv.conf", kube.resolv_conf(req.namespace))
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "HOME": "/root", "HOSTNAME": req.pod, **(spec.env if spec else {})}
-        if req.tty:
-            env["TERM"] = "xterm"
         try:
             proc = procs.spawn(
                 req.command, netns=netns.path(pod.extra["netns"]), cgroup=pod.extra["cgroup"],
@@ -1188,22 +1192,18 @@ def teardown_all() -> list[str]:
     """`kmesh-plugin lab down`: remove every lab on this machine, recorded or orphaned."""
     done: list[str] = []
     if STATE_ROOT.exists():
-        for state in sorted(STATE_ROOT.iterdir()):
+        for state in sorted(p for p in STATE_ROOT.iterdir() if p.is_dir()):
             record = _read_json(state / "lab.json") or {}
-            owner = record.get("pid")
-            if owner and alive(int(owner)) and int(owner) != os.getpid():
-                done.append(f"lab {state.name}: its runner (pid {owner}) is alive; stopping it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(owner), signal.SIGTERM)
-                _wait_gone(int(owner), 60)  # it removes its own lab first
-            problems = teardown(state, {
-                "netns_prefix": f"{PREFIX}{state.name}",
-                "cgroup": str(Path(cgroup2_root()) / f"{PREFIX}{state.name}"),
-                "pin_root": str(BPFFS_DEFAULT / f"{PREFIX}{state.name}"),
-                **record,
-            })
-            done.append(f"lab {state.name}: removed" + (f" ({'; '.join(problems)})"
-                                                       if problems else ""))
+            pidfd = runner_pidfd(record)
+            if pidfd is not None:
+                try:
+                    if (owner := int(record["pid"])) != os.getpid():
+                        done.append(f"lab {state.name}: its runner (pid {owner}) is alive; "
+                                    "stopping it")
+                        done += stop_runner(pidfd, owner, RUNNER_STOP_TIMEOUT)
+                finally:
+                    os.close(pidfd)
+            done.append(_remove_state(state, record))
     # Orphans whose state directory is gone (a crash before lab.json was written).
     for name in netns.list_names(PREFIX):
         netns.delete(name)
@@ -1221,6 +1221,79 @@ def teardown_all() -> list[str]:
     return done
 
 
+def teardown_left_by(pid: int) -> list[str]:
+    """Remove the labs whose runner was ``pid``, now killed before it could remove them."""
+    if not STATE_ROOT.exists():
+        return []
+    return [_remove_state(state, record) for state in sorted(STATE_ROOT.iterdir())
+            if state.is_dir() and (record := _read_json(state / "lab.json") or {}).get("pid")
+            == pid]
+
+
+def _remove_state(state: Path, record: Mapping[str, Any]) -> str:
+    """teardown() of one state dir, with the names a lab derives from its id where the record
+    lacks them (it may be cut short by a crash)."""
+    problems = teardown(state, {
+        "netns_prefix": f"{PREFIX}{state.name}",
+        "cgroup": str(Path(cgroup2_root()) / f"{PREFIX}{state.name}"),
+        "pin_root": str(BPFFS_DEFAULT / f"{PREFIX}{state.name}"),
+        **record,
+    })
+    return f"lab {state.name}: removed" + (f" ({'; '.join(problems)})" if problems else "")
+
+
+def stop_runner(pidfd: int, pid: int, timeout: float) -> list[str]:
+    """SIGTERM a lab's runner and wait for it to remove its lab; after ``timeout``, SIGKILL it
+    (its whole process group if it leads a session, as `lab up`'s daemon does) and leave the
+    rest to teardown(). Returns what had to be done beyond the SIGTERM."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    if select.select([pidfd], [], [], timeout)[0]:
+        return []
+    with contextlib.suppress(ProcessLookupError):
+        if os.getsid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    select.select([pidfd], [], [], 10)
+    return [f"runner pid {pid}: still running after {timeout:.0f} s; killed"]
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (/proc/PID/stat field 22): with
+    the pid it names one process, which a pid alone stops doing once the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def runner_pidfd(record: Mapping[str, Any]) -> int | None:
+    """A pidfd of the process that wrote this lab record, while it runs; None once it ended,
+    including when its pid now belongs to another process (whose start time differs). A
+    record without ``pid_start`` (an older one) trusts the pid."""
+    pid = int(record.get("pid") or 0)
+    if pid <= 0:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)  # pins the process: the check below is about this one
+    except ProcessLookupError:
+        return None
+    if record.get("pid_start") is not None and start_ticks(pid) != record["pid_start"]:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def runner_alive(record: Mapping[str, Any]) -> bool:
+    pidfd = runner_pidfd(record)
+    if pidfd is None:
+        return False
+    os.close(pidfd)
+    return True
+
+
 def alive(pid: int) -> bool:
     """Whether a process with this pid exists (0 and negatives: no)."""
     if pid <= 0:
@@ -1234,22 +1307,12 @@ def alive(pid: int) -> bool:
     return True
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-
-
 def record_resources(state: Path, lab_id: str, name: str, pin_root: Path,
                      cgroup: Path | None = None) -> None:
     """The lab record (<state>/lab.json) of a bench that builds its own room: what `lab
     down` reads to remove it after a crash (its netns prefix, pin root and cgroup)."""
-    record: dict[str, Any] = {"id": lab_id, "pid": os.getpid(), "pin_root": str(pin_root),
+    record: dict[str, Any] = {"id": lab_id, "pid": os.getpid(),
+                              "pid_start": start_ticks(os.getpid()), "pin_root": str(pin_root),
                               "netns_prefix": name, "agents": {}}
     if cgroup is not None:
         record["cgroup"] = str(cgroup)

@@ -206,6 +206,30 @@ def test_a_missing_pod_and_a_refused_container(
     assert not exec_server[1].started
 
 
+def test_a_tty_is_refused_before_anything_runs(
+        exec_server: tuple[ApiServer, Runner], tmp_path: Path) -> None:
+    """kubectl asks for a tty only with -i and a terminal on its stdin: give it a pty. The
+    server has no terminal to offer (no pty, stderr would be lost), so it says so."""
+    server, runner = exec_server
+    config = server.write_kubeconfig(tmp_path / "tty.config")
+    leader, follower = os.openpty()
+    try:
+        out = subprocess.run(
+            ["kubectl", "--kubeconfig", str(config), "--cache-dir", str(tmp_path / "tty-cache"),
+             "exec", "-it", "web", "-c", "app", "-n", NS, "--", "sh", "-c", "echo ran"],
+            stdin=follower, capture_output=True, text=True, timeout=KUBECTL_TIMEOUT,
+            env={**os.environ, "HOME": str(tmp_path)})
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert out.returncode == 1, out
+    assert out.stderr.strip() == ("Error from server (BadRequest): tty is not supported by the "
+                                  "kmesh lab; run without -t"), out.stderr
+    assert [r.tty for r in runner.requests] == [] and not runner.started
+    # The same kubectl without -t runs the command.
+    assert kubectl_exec(make_kubectl(server, tmp_path), "--", "echo", "ran").stdout == "ran\n"
+
+
 def test_without_a_runner_exec_answers_an_error(tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         missing("openssl is not installed")

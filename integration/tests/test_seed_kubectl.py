@@ -8,11 +8,15 @@ What they print is held to what the document says: the local instance answers, t
 local Deployment is deleted the subzone2 one, then both subzone2 instances once worker3 is
 relabelled. Then the operator views by node name, a few kubectl verbs the seed does not use,
 and `lab down`, after which nothing of the lab is left on the machine.
+
+Each test asks for what it needs (the lab, the seed's commands run once: module fixtures), so
+any one of them runs alone.
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
 import re
@@ -71,16 +75,25 @@ def leftovers() -> list[str]:
         found += [f"pins {p}" for p in BPFFS_DEFAULT.glob(f"{PREFIX}*")]
     if STATE_ROOT.exists():
         found += [f"state {p}" for p in STATE_ROOT.iterdir()]
-    agents = [a for a in _processes() if "kmesh_plugin.cli" in a and " run " in a]
-    return found + [f"process {a}" for a in agents if "kmesh-lab" in a]
+    for pid, cmdline, cgroup in _processes():
+        agent = "kmesh_plugin.cli" in cmdline and " run " in cmdline and "kmesh-lab" in cmdline
+        # A lab's daemon, or anything in a lab's cgroups (pods' and kubectl exec's processes).
+        if agent or "kmesh_lab.labd" in cmdline or f"/{PREFIX}" in cgroup:
+            found.append(f"process {pid} {cmdline}")
+    return found
 
 
-def _processes() -> list[str]:
+def _processes() -> list[tuple[int, str, str]]:
+    """(pid, command line, cgroup) of every live process (not zombies: init reaps those)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                out.append((int(entry.name),
+                            (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(),
+                            (entry / "cgroup").read_text()))
             except OSError:
                 continue
     return out
@@ -92,9 +105,10 @@ def lab_up(kernel: None, cni_plugins: None,
     if subprocess.run(["kubectl", "version", "--client"], capture_output=True).returncode:
         missing("kubectl is not installed")
     assert not [x for x in leftovers() if not x.startswith("state")], leftovers()
-    up = subprocess.run([*KMESH_PLUGIN, "lab", "up"], capture_output=True, text=True,
-                        timeout=400)
     try:
+        # In the try: a `lab up` that times out is killed, and its daemon removed below.
+        up = subprocess.run([*KMESH_PLUGIN, "lab", "up"], capture_output=True, text=True,
+                            timeout=400)
         assert up.returncode == 0, up.stdout + up.stderr
         exports = re.findall(r"^export KUBECONFIG=(\S+)$", up.stdout, re.M)
         assert len(exports) == 1, up.stdout
@@ -112,6 +126,13 @@ def test_lab_up_starts_the_seed_cluster_unlabelled(lab_up: Shell) -> None:
     again = subprocess.run([*KMESH_PLUGIN, "lab", "up"], capture_output=True, text=True,
                            timeout=60)
     assert again.returncode == 1 and "is already up" in again.stderr
+    # The daemon holds `lab up`'s lock on the state root for as long as it runs.
+    fd = os.open(STATE_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
     status = subprocess.run([*KMESH_PLUGIN, "lab", "status", "-o", "json"], capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
@@ -120,18 +141,34 @@ def test_lab_up_starts_the_seed_cluster_unlabelled(lab_up: Shell) -> None:
     assert view["kubeconfig"] == lab_up.env["KUBECONFIG"]
 
 
-def test_the_seed_documents_commands_give_its_answers(lab_up: Shell) -> None:
-    cmds = seeddoc.read(seed_document())
-    execs = [c for c in cmds if c.line.startswith("kubectl exec ")]
+class Seeded:
+    """The seed document's commands, run once in order: what each printed (an exec's
+    answers: several runs)."""
+
+    def __init__(self, shell: Shell) -> None:
+        self.commands = seeddoc.read(seed_document())
+        self.execs = [c for c in self.commands if c.line.startswith("kubectl exec ")]
+        self.printed: list[tuple[seeddoc.SeedCommand, str]] = []
+        self.answers: dict[int, list[str]] = {}
+        for command in self.commands:
+            if command.line.startswith("kubectl exec "):
+                # "Test multiple times" for the last; the first two answer the same each time.
+                runs = REPEATS if command is self.execs[-1] else 5
+                self.answers[len(self.answers)] = [
+                    shell(command.script).stdout for _ in range(runs)]
+            else:
+                self.printed.append((command, shell(command.script).stdout.strip()))
+
+
+@pytest.fixture(scope="module")
+def seeded(lab_up: Shell) -> Seeded:
+    return Seeded(lab_up)
+
+
+def test_the_seed_documents_commands_give_its_answers(seeded: Seeded) -> None:
+    cmds, execs, answers = seeded.commands, seeded.execs, seeded.answers
     assert len(execs) == 3, [c.line for c in cmds]  # local, failover, both subzone2
-    answers: dict[int, list[str]] = {}
-    for command in cmds:
-        if command.line.startswith("kubectl exec "):
-            # "Test multiple times" for the last one; the first two answer the same each time.
-            runs = REPEATS if command is execs[-1] else 5
-            answers[execs.index(command)] = [lab_up(command.script).stdout for _ in range(runs)]
-            continue
-        out = lab_up(command.script).stdout.strip()
+    for command, out in seeded.printed:
         words = command.line.split()
         if words[1] == "label":
             assert out == f"node/{words[3]} labeled", (command.line, out)
@@ -156,7 +193,7 @@ def test_the_seed_documents_commands_give_its_answers(lab_up: Shell) -> None:
     assert execs[1].example_versions == ["region.zone1.subzone2"]
 
 
-def test_operator_views_by_node_name(lab_up: Shell) -> None:
+def test_operator_views_by_node_name(seeded: Seeded) -> None:
     status = subprocess.run([*KMESH_PLUGIN, "status", "--node", kind.WORKERS[0], "-o", "json"],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
@@ -181,7 +218,7 @@ def test_operator_views_by_node_name(lab_up: Shell) -> None:
     assert kind.WORKERS[2] in unknown.stderr  # the running agents are named
 
 
-def test_kubectl_verbs_beyond_the_seed(lab_up: Shell) -> None:
+def test_kubectl_verbs_beyond_the_seed(lab_up: Shell, seeded: Seeded) -> None:
     pods = lab_up("kubectl get pods -n sample -o wide").stdout.splitlines()
     assert pods[0].split()[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     rows = [r.split() for r in pods[1:]]
@@ -217,10 +254,21 @@ def test_kubectl_verbs_beyond_the_seed(lab_up: Shell) -> None:
                  "  template:\n    metadata: {labels: {app: nginx}}\n    spec:\n"
                  "      containers: [{name: nginx, image: nginx}]\nEOF", check=False)
     assert bad.returncode == 1 and "cannot run in the lab" in bad.stderr, bad
-    # The namespace controller: deleting the namespace takes its pods, Services and
-    # Deployments with it (the write is answered once they are gone).
-    assert lab_up("kubectl delete namespace sample").stdout.strip() == 'namespace "sample" deleted'
-    assert lab_up("kubectl get pods,services,deployments -A -o name").stdout == ""
+    # The namespace controller: deleting a namespace takes its pods, Services and Deployments
+    # with it (the write is answered once they are gone). Another namespace than the seed's,
+    # which the other tests read: the seed's Service and first Deployment, applied there.
+    lab_up("kubectl create namespace scratch")
+    for command in seeded.commands:
+        manifest = command.manifest or ""
+        if "kind: Service" in manifest or "name: helloworld-region.zone1.subzone1" in manifest:
+            lab_up(command.script.replace("kubectl apply -n sample ", "kubectl apply -n scratch "))
+    made = lab_up("kubectl get pods,services,deployments -n scratch -o name").stdout.split()
+    assert len(made) == 3 and made[0].startswith("pod/helloworld-region.zone1.subzone1-"), made
+    before = lab_up("kubectl get pods,services,deployments -n sample -o name").stdout
+    assert lab_up("kubectl delete namespace scratch").stdout.strip() == \
+        'namespace "scratch" deleted'
+    assert lab_up("kubectl get pods,services,deployments -n scratch -o name").stdout == ""
+    assert lab_up("kubectl get pods,services,deployments -n sample -o name").stdout == before
 
 
 def test_lab_down_leaves_nothing(lab_up: Shell) -> None:

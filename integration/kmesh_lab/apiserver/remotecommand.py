@@ -22,6 +22,8 @@ What is here, independent of HTTP routing:
   session so its process group can be killed) or raises :class:`ApiError` before anything
   is upgraded;
 * :func:`parse_exec_query` (repeated ``command`` parameters, Go ``ParseBool`` flags);
+  a tty (``kubectl exec -it`` from a terminal) is refused before the upgrade (:func:`no_tty`):
+  sessions are pipes, with no pty to give it;
 * the handshake (:func:`choose_protocol`, :func:`handshake_key`, :func:`handshake_response`);
 * framing: :func:`encode_frame`, :func:`apply_mask`, :class:`Decoder` (masking required of
   clients, fragmentation, control frames, size limit; violations are :class:`ProtocolError`
@@ -144,6 +146,13 @@ def parse_exec_query(query: str, namespace: str, pod: str) -> ExecRequest:
 
 def websocket_only() -> ApiError:
     return ApiError(400, WEBSOCKET_ONLY, "BadRequest")
+
+
+def no_tty() -> ApiError:
+    """A tty needs a pty (stdout carrying the merged output, resizes applied); sessions here
+    are pipes only, so a tty request is refused rather than served without a terminal and
+    with its stderr dropped."""
+    return ApiError(400, "tty is not supported by the kmesh lab; run without -t", "BadRequest")
 
 
 def no_runner() -> ApiError:

@@ -20,7 +20,8 @@ streams) closely enough for the official Python client and the real kubectl:
   default ``--validate``. ``fieldValidation`` Strict refuses unknown top-level and metadata
   fields (400), Warn (the default) drops them with a ``Warning`` header, Ignore drops them;
 * ``after_write(user_agent, revision)``, called after every successful non-dry-run write
-  over HTTP, just before the answer (a failure is logged to ``internal_errors`` only);
+  over HTTP, just before the answer (a failure is logged to ``internal_errors`` only; an
+  :class:`ApiError` it raises is the answer);
 * an optional bearer token (401 without it, on every path). kubectl sends a kubeconfig's
   token only over https, so ``tls=True`` serves https with a throwaway certificate that
   :meth:`ApiServer.write_kubeconfig` puts in the kubeconfig (see ``tls``); the Python
@@ -81,6 +82,7 @@ from .remotecommand import (
     handshake_response,
     is_websocket_upgrade,
     no_runner,
+    no_tty,
     parse_exec_query,
     refusal_key,
     websocket_only,
@@ -442,6 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
         api.registry.get(rtype, namespace, name)  # 404 as the real server, any protocol
         if api.exec_runner is None:
             raise no_runner()
+        if request.tty:  # before any upgrade: kubectl's SPDY fallback gets the same answer
+            raise no_tty()
         if method != "GET" or not is_websocket_upgrade(self.headers):
             if "upgrade" in (self.headers.get("Connection") or "").lower():
                 self.close_connection = True  # SPDY: no keep-alive after a refused upgrade
@@ -909,11 +913,15 @@ class ApiServer:
             raise errors.unauthorized()
 
     def _after_write(self, user_agent: str) -> None:
-        """The ``after_write`` hook after an HTTP write; its failure is logged, not answered."""
+        """The ``after_write`` hook after an HTTP write; its failure is logged, not answered,
+        unless it raises an ApiError: that is its answer to the write (the lab's write
+        barrier: stored, but not acted on)."""
         if self.after_write is None:
             return
         try:
             self.after_write(user_agent, self.store.revision)
+        except ApiError:
+            raise
         except Exception:
             self.internal_errors.append(traceback.format_exc())
 
