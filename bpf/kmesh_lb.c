@@ -14,9 +14,9 @@
  * network namespace the chained CNI plugin did not enrol is not ours: every connect and
  * datagram of it passes untouched, ClusterIPs included.
  *
- * The way back: connect() and sendmsg() record each translation in kmesh_reverse, keyed by
- * socket cookie and endpoint; recvmsg() and getpeername() rewrite an address only when it is an
- * endpoint that very socket was translated to.
+ * The way back: connect() notes each translation in kmesh_translated and sendmsg() records it
+ * in kmesh_reverse, both keyed by socket cookie and endpoint; recvmsg() and getpeername()
+ * rewrite an address only when it is an endpoint that very socket was translated to.
  */
 #include <linux/bpf.h>
 #include <linux/errno.h>
@@ -108,6 +108,13 @@ struct {
 } kmesh_reverse SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KMESH_MAX_TRANSLATED);
+	__type(key, __u32);
+	__type(value, struct kmesh_translation);
+} kmesh_translated SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, KMESH_MAX_AFFINITY);
 	__type(key, struct kmesh_affinity_key);
@@ -164,18 +171,32 @@ static long kmesh_spin(__u64 index, void *ctx)
 	} while (0)
 #endif
 
-/* One 4-byte load the compiler may not split or repeat. */
+/* One 4- or 8-byte load or store the compiler may not split, repeat or move past another. */
 #define READ_ONCE_U32(x) (*(volatile const __u32 *)&(x))
+#define READ_ONCE_U64(x) (*(volatile const __u64 *)&(x))
+#define WRITE_ONCE_U64(x, v) (*(volatile __u64 *)&(x) = (v))
 
-/* The 20 bytes of two frontend keys compared as five words (no memcmp in BPF). Both are
- * 4-byte aligned: map values are, and the programs align their stack key. */
+/* Two 20-byte records (a frontend key, an endpoint: padding included, which is always 0)
+ * compared as five words (no memcmp in BPF). Both are 4-byte aligned: map values are, and the
+ * programs align their stack copies. */
+static __always_inline int kmesh_same20(const void *a, const void *b)
+{
+	const __u32 *x = a;
+	const __u32 *y = b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
 static __always_inline int kmesh_same_frontend(const struct kmesh_frontend_key *a,
 					       const struct kmesh_frontend_key *b)
 {
-	const __u32 *x = (const __u32 *)a;
-	const __u32 *y = (const __u32 *)b;
+	return kmesh_same20(a, b);
+}
 
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+static __always_inline int kmesh_same_endpoint(const struct kmesh_endpoint *a,
+					       const struct kmesh_endpoint *b)
+{
+	return kmesh_same20(a, b);
 }
 
 /* -1, 0 or 1 as endpoint a sorts before, equal to or after b: address bytes, then port, in
@@ -407,12 +428,67 @@ static __always_inline void kmesh_write6(struct bpf_sock_addr *ctx, const __u8 a
 	ctx->user_port = port;
 }
 
-/* connect() or sendmsg() translated: remember (socket, endpoint) -> frontend. A datagram looks
- * first: a resolver sends many to one endpoint, and a hit costs no LRU update. A connect does
- * not: its socket is (nearly always) new, and the lookup would only miss. */
+/* murmur3's 64-bit finaliser: every input bit reaches every output bit. */
+static __always_inline __u64 kmesh_mix(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
+/* Five 4-byte words (a struct kmesh_endpoint or kmesh_frontend_key) folded into h. */
+static __always_inline __u64 kmesh_fold(__u64 h, const void *what)
+{
+	const __u32 *w = what;
+
+	h = kmesh_mix(h ^ ((__u64)w[0] | (__u64)w[1] << 32));
+	h = kmesh_mix(h ^ ((__u64)w[2] | (__u64)w[3] << 32));
+	return kmesh_mix(h ^ w[4]);
+}
+
+/* kmesh_translated's hash of (socket, endpoint): its low bits pick the slot, and check
+ * continues from it over the frontend (kmesh_check). */
+static __always_inline __u64 kmesh_way(__u64 socket_cookie, const struct kmesh_endpoint *endpoint)
+{
+	return kmesh_fold(kmesh_mix(socket_cookie), endpoint);
+}
+
+/* Never 0, which marks an empty slot. */
+static __always_inline __u64 kmesh_check(__u64 way, const struct kmesh_frontend_key *frontend)
+{
+	return kmesh_fold(way, frontend) | 1;
+}
+
+/* connect() translated: note (socket, endpoint) -> frontend in kmesh_translated, without a
+ * lock or a helper call (see struct kmesh_translation). check goes last: a reader that sees
+ * the new check sees the fields it covers, or a mixture that fails it. */
+static __always_inline void kmesh_note(struct bpf_sock_addr *ctx,
+				       const struct kmesh_frontend_key *key,
+				       const struct kmesh_endpoint *endpoint)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u64 way = kmesh_way(cookie, endpoint);
+	__u32 slot = (__u32)way & (KMESH_MAX_TRANSLATED - 1);
+	struct kmesh_translation *t = bpf_map_lookup_elem(&kmesh_translated, &slot);
+
+	if (!t)
+		return;
+	WRITE_ONCE_U64(t->check, 0); /* readers miss while the fields change */
+	t->socket_cookie = cookie;
+	__builtin_memcpy(&t->endpoint, endpoint, sizeof(t->endpoint));
+	__builtin_memcpy(&t->frontend, key, sizeof(t->frontend));
+	WRITE_ONCE_U64(t->check, kmesh_check(way, key));
+}
+
+/* An unconnected UDP sendmsg() translated: remember (socket, endpoint) -> frontend in
+ * kmesh_reverse. It looks first: a resolver sends many datagrams to one endpoint, and a hit
+ * costs no LRU update. */
 static __always_inline void kmesh_remember(struct bpf_sock_addr *ctx,
 					   const struct kmesh_frontend_key *key,
-					   const struct kmesh_endpoint *endpoint, int datagram)
+					   const struct kmesh_endpoint *endpoint)
 {
 	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
 	struct kmesh_reverse back;
@@ -420,11 +496,9 @@ static __always_inline void kmesh_remember(struct bpf_sock_addr *ctx,
 
 	way.socket_cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(&way.endpoint, endpoint, sizeof(way.endpoint));
-	if (datagram) {
-		known = bpf_map_lookup_elem(&kmesh_reverse, &way);
-		if (known && kmesh_same_frontend(&known->frontend, key))
-			return;
-	}
+	known = bpf_map_lookup_elem(&kmesh_reverse, &way);
+	if (known && kmesh_same_frontend(&known->frontend, key))
+		return;
 	__builtin_memcpy(&back.frontend, key, sizeof(back.frontend));
 	bpf_map_update_elem(&kmesh_reverse, &way, &back, BPF_ANY);
 }
@@ -435,27 +509,63 @@ static __always_inline void kmesh_forget(struct bpf_sock_addr *ctx,
 					 const struct kmesh_frontend_key *key)
 {
 	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
+	struct kmesh_translation *t;
+	__u64 hash;
+	__u32 slot;
 
 	way.socket_cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(way.endpoint.addr, key->addr, sizeof(way.endpoint.addr));
 	way.endpoint.port = key->port;
 	if (bpf_map_lookup_elem(&kmesh_reverse, &way))
 		bpf_map_delete_elem(&kmesh_reverse, &way);
+	hash = kmesh_way(way.socket_cookie, &way.endpoint);
+	slot = (__u32)hash & (KMESH_MAX_TRANSLATED - 1);
+	t = bpf_map_lookup_elem(&kmesh_translated, &slot);
+	if (t && READ_ONCE_U64(t->socket_cookie) == way.socket_cookie)
+		WRITE_ONCE_U64(t->check, 0);
 }
 
-/* recvmsg() and getpeername(): the frontend a translated socket asked for, if ``from`` is an
- * endpoint it was translated to; NULL for anything else. Nothing is ours to check here: a
- * socket we never translated has no entry. */
-static __always_inline const struct kmesh_frontend_key *
-kmesh_asked(struct bpf_sock_addr *ctx, const struct kmesh_endpoint *from)
+/* recvmsg() and getpeername(): the frontend a translated socket asked for, copied to *asked,
+ * if ``from`` is an endpoint it was translated to. Nothing is ours to check here: a socket we
+ * never translated has no entry. kmesh_reverse first (unconnected UDP, and what an earlier
+ * call moved there), then kmesh_translated, whose entry moves to kmesh_reverse. */
+static __always_inline int kmesh_asked(struct bpf_sock_addr *ctx,
+				       const struct kmesh_endpoint *from,
+				       struct kmesh_frontend_key *asked)
 {
 	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
+	struct kmesh_translation seen __attribute__((aligned(8)));
+	struct kmesh_translation *t;
 	struct kmesh_reverse *back;
+	__u64 hash;
+	__u32 slot;
 
 	way.socket_cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(&way.endpoint, from, sizeof(way.endpoint));
 	back = bpf_map_lookup_elem(&kmesh_reverse, &way);
-	return back ? &back->frontend : NULL;
+	if (back) {
+		__builtin_memcpy(asked, &back->frontend, sizeof(*asked));
+		return 1;
+	}
+	hash = kmesh_way(way.socket_cookie, from);
+	slot = (__u32)hash & (KMESH_MAX_TRANSLATED - 1);
+	t = bpf_map_lookup_elem(&kmesh_translated, &slot);
+	if (!t)
+		return 0;
+	/* A copy, check first: a writer changes check last, so a check read before the fields
+	 * that still matches them after names what those fields held together. */
+	seen.check = READ_ONCE_U64(t->check);
+	if (!seen.check)
+		return 0;
+	__builtin_memcpy(&seen, t, __builtin_offsetof(struct kmesh_translation, check));
+	if (seen.socket_cookie != way.socket_cookie ||
+	    !kmesh_same_endpoint(&seen.endpoint, from) ||
+	    seen.check != kmesh_check(hash, &seen.frontend))
+		return 0;
+	__builtin_memcpy(asked, &seen.frontend, sizeof(*asked));
+	/* Used: keep it where an LRU holds it while it is, and out of the way of new connects. */
+	bpf_map_update_elem(&kmesh_reverse, &way, (struct kmesh_reverse *)asked, BPF_ANY);
+	return 1;
 }
 
 /* What connect4/6 and sendmsg4/6 (datagram) share: translate the destination, or refuse it. */
@@ -476,7 +586,10 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 	verdict = kmesh_pick(ctx, &key, &endpoint);
 	switch (verdict) {
 	case KMESH_REWRITE:
-		kmesh_remember(ctx, &key, &endpoint, datagram);
+		if (datagram)
+			kmesh_remember(ctx, &key, &endpoint);
+		else
+			kmesh_note(ctx, &key, &endpoint);
 		if (family == 4)
 			kmesh_write4(ctx, endpoint.addr, endpoint.port);
 		else
@@ -495,19 +608,18 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 static __always_inline int kmesh_untranslate(struct bpf_sock_addr *ctx, int family)
 {
 	struct kmesh_endpoint from __attribute__((aligned(4))) = {};
-	const struct kmesh_frontend_key *asked;
+	struct kmesh_frontend_key asked __attribute__((aligned(4)));
 
 	if (family == 4)
 		kmesh_read4(ctx, from.addr, &from.port);
 	else
 		kmesh_read6(ctx, from.addr, &from.port);
-	asked = kmesh_asked(ctx, &from);
-	if (!asked)
+	if (!kmesh_asked(ctx, &from, &asked))
 		return SOCK_ADDR_ALLOW;
 	if (family == 4)
-		kmesh_write4(ctx, asked->addr, asked->port);
+		kmesh_write4(ctx, asked.addr, asked.port);
 	else
-		kmesh_write6(ctx, asked->addr, asked->port);
+		kmesh_write6(ctx, asked.addr, asked.port);
 	return SOCK_ADDR_ALLOW;
 }
 
@@ -553,10 +665,13 @@ int kmesh_getpeername4(struct bpf_sock_addr *ctx)
 	return kmesh_untranslate(ctx, 4);
 }
 
-/* A socket closes: drop the entry its connect() made, so that a busy node's kmesh_reverse
- * holds live sockets instead of filling up with closed ones (an update into a full LRU must
- * evict, several times the cost of one into free room). What an unconnected UDP socket sent
- * to many endpoints cannot be enumerated here; those entries age out of the LRU. */
+/* A socket closes: drop the kmesh_reverse entry of its peer, if a getpeername() or recvmsg()
+ * moved one there, so that a busy node's kmesh_reverse holds live sockets instead of filling
+ * up with closed ones (an update into a full LRU must evict, several times the cost of one
+ * into free room). The lookup first spares most sockets the delete, which takes a lock. Its
+ * kmesh_translated slot stays: a cookie is never reused, so nothing matches it again. What an
+ * unconnected UDP socket sent to many endpoints cannot be enumerated here; those entries age
+ * out of the LRU. */
 SEC("cgroup/sock_release")
 int kmesh_release(struct bpf_sock *sk)
 {
@@ -587,7 +702,8 @@ int kmesh_release(struct bpf_sock *sk)
 	if (!way.endpoint.port)
 		return 1;
 	way.socket_cookie = bpf_get_socket_cookie(sk);
-	bpf_map_delete_elem(&kmesh_reverse, &way);
+	if (bpf_map_lookup_elem(&kmesh_reverse, &way))
+		bpf_map_delete_elem(&kmesh_reverse, &way);
 	return 1;
 }
 

@@ -33,7 +33,7 @@
 
 /* The version of the map layouts below. The loader records it beside the pinned maps and
  * refuses to reuse maps of another version (a changed struct would be misread). */
-#define KMESH_LAYOUT_VERSION 4
+#define KMESH_LAYOUT_VERSION 5
 
 /* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
  * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
@@ -53,6 +53,9 @@
  * the README states ("Beyond connect()"), never a wrong endpoint. */
 #define KMESH_MAX_REVERSE 65536
 #define KMESH_MAX_AFFINITY 65536
+
+/* Entries of kmesh_translated, a power of two: a slot is a hash masked with it - 1. */
+#define KMESH_MAX_TRANSLATED 65536
 
 /* A binary search of one tier (sessionAffinity) takes at most this many steps: a tier holds at
  * most 65,535 endpoints (count is a __u16), and 2^16 > 65,535. */
@@ -134,13 +137,14 @@ struct kmesh_stats {
 	__u64 refused;
 };
 
-/* kmesh_reverse (LRU): (socket, endpoint) -> the frontend that socket asked for, written by
- * connect() and by an unconnected UDP sendmsg() that translated it, so that getpeername() and
- * recvmsg() show the ClusterIP:port instead of the endpoint. Keyed by socket cookie: two
- * sockets never see each other's entries, and a cookie is never reused while the kernel runs,
- * so an entry left by a closed socket matches nothing until the LRU evicts it. (Socket
- * storage would need no eviction, but creating it costs about 1 us per connect: several times
- * the rest of the program.) */
+/* kmesh_reverse (LRU): (socket, endpoint) -> the frontend that socket asked for, written by an
+ * unconnected UDP sendmsg() that translated it, and by the first getpeername() or recvmsg()
+ * that found a connect's entry in kmesh_translated, so that getpeername() and recvmsg() show
+ * the ClusterIP:port instead of the endpoint. Keyed by socket cookie: two sockets never see
+ * each other's entries, and a cookie is never reused while the kernel runs, so an entry left
+ * by a closed socket matches nothing until the LRU evicts it. (Socket storage would need no
+ * eviction, but creating it costs about 1 us per connect: several times the rest of the
+ * program.) */
 struct kmesh_reverse_key {
 	__u64 socket_cookie;
 	struct kmesh_endpoint endpoint;
@@ -149,6 +153,27 @@ struct kmesh_reverse_key {
 
 struct kmesh_reverse {
 	struct kmesh_frontend_key frontend;
+};
+
+/* kmesh_translated[slot] (ARRAY): the connects translated last, one per slot, slot = a hash of
+ * (socket cookie, endpoint). connect() writes here with plain stores, because every map update
+ * costs a lock or an atomic, which on the machines we measured is several times the rest of
+ * the program. getpeername() and recvmsg() look in kmesh_reverse first and then here, and
+ * move what they find here into kmesh_reverse, whose LRU keeps it while it is used; a slot
+ * overwritten before its socket asked costs that socket its reverse translation, as an LRU
+ * eviction would (README "Beyond connect()").
+ *
+ * No lock guards a slot: two CPUs may write one at once, and a reader may see a write half
+ * done. check, written last, is kmesh_check over the other fields: a reader uses an entry only
+ * when its socket cookie and endpoint are the reader's and check matches what it read, so a
+ * torn or mixed entry is taken for a miss, not for another frontend (a 64-bit check: a mixture
+ * passes it with odds of about 2^-64). check 0 marks an empty or forgotten slot. */
+struct kmesh_translation {
+	__u64 socket_cookie;
+	struct kmesh_endpoint endpoint;
+	struct kmesh_frontend_key frontend;
+	__u64 check;
+	__u64 pad; /* one 64-byte cache line per slot */
 };
 
 /* kmesh_affinity (LRU): (client, frontend) -> the endpoint that client is held to. The client

@@ -49,17 +49,19 @@ class LinkView:
 
 @dataclass(frozen=True)
 class ReverseView:
-    """A kmesh_reverse entry: socket ``socket_cookie`` asked for ``frontend`` and was sent to
-    ``endpoint`` (by connect, or an unconnected UDP sendmsg); getpeername() and recvmsg()
-    show it the frontend."""
+    """A way back: socket ``socket_cookie`` asked for ``frontend`` and was sent to
+    ``endpoint``; getpeername() and recvmsg() show it the frontend. ``held``: in
+    kmesh_translated ("translated": noted by a connect, not asked for yet) or in kmesh_reverse
+    ("reverse": sent by an unconnected UDP sendmsg, or asked for since)."""
 
     socket_cookie: int
     endpoint: Backend
     frontend: Frontend
+    held: str = "reverse"
 
     def to_json(self) -> dict[str, Any]:
         return {"socket_cookie": self.socket_cookie, "endpoint": str(self.endpoint),
-                "frontend": str(self.frontend)}
+                "frontend": str(self.frontend), "held": self.held}
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,20 @@ def read_reverse(items: Iterable[tuple[bytes, bytes]]) -> list[ReverseView]:
     return sorted(out, key=lambda r: (r.socket_cookie, r.endpoint))
 
 
+def read_translated(items: Iterable[tuple[bytes, bytes]]) -> list[ReverseView]:
+    """The kmesh_translated slots a reader would use: check set and matching the fields (a
+    slot being written, or left empty, shows nothing)."""
+    out = []
+    for _, v in items:
+        t = records.TRANSLATION.unpack(v)
+        if not t["check"] or t["check"] != records.translation_check(
+                t["socket_cookie"], t["endpoint"], t["frontend"]):
+            continue
+        out.append(ReverseView(t["socket_cookie"], Backend.unpack(t["endpoint"]),
+                               Frontend.unpack(t["frontend"]), held="translated"))
+    return sorted(out, key=lambda r: (r.socket_cookie, r.endpoint))
+
+
 def read_affinity(items: Iterable[tuple[bytes, bytes]]) -> list[AffinityView]:
     out = []
     for k, v in items:
@@ -220,10 +236,12 @@ def read(dp: Datapath) -> DatapathView:
     groups = read_table(dp)
     vips = [records.decode_addr(k) for k in dp[records.MAP_VIPS].keys()]
     # Read once: their entries are shown and counted (the counts then match the lists).
-    reverse = dp[records.MAP_REVERSE].lookup_batch()
+    reverse = read_reverse(dp[records.MAP_REVERSE].lookup_batch())
+    translated = read_translated(dp[records.MAP_TRANSLATED].lookup_batch())
     affinity = dp[records.MAP_AFFINITY].lookup_batch()
     read_at = time.monotonic_ns()  # after the reads: a last use is never in its future
     entries, capacity = map_fill(dp, groups, {records.MAP_REVERSE: len(reverse),
+                                              records.MAP_TRANSLATED: len(translated),
                                               records.MAP_AFFINITY: len(affinity)})
     return DatapathView(
         pin_dir=dp.pins.root,
@@ -235,7 +253,7 @@ def read(dp: Datapath) -> DatapathView:
         links=read_links(dp.pins.root),
         enrolment=records.ENROL_NAMES.get(dp.enrolment(), f"unknown ({dp.enrolment()})"),
         enrolled=dp.enrolled(),
-        reverse=read_reverse(reverse),
+        reverse=translated + reverse,
         affinity=read_affinity(affinity),
         read_at=read_at,
     )

@@ -132,6 +132,9 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
             syscall.BPF_MAP_TYPE_LRU_HASH, records.AFFINITY_KEY.size, records.AFFINITY.size,
             records.MAX_AFFINITY,
         ),
+        records.MAP_TRANSLATED: MapSpec(
+            syscall.BPF_MAP_TYPE_ARRAY, 4, records.TRANSLATION.size, records.MAX_TRANSLATED
+        ),
     }
 
 

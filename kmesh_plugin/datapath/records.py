@@ -19,7 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 4  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 5  # KMESH_LAYOUT_VERSION
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
 MODE_STRICT = 2
@@ -30,6 +30,7 @@ ENROL_NAMES = {ENROL_ALL: "all", ENROL_CNI: "cni"}
 MAX_PODS = 8192  # KMESH_MAX_PODS
 MAX_REVERSE = 65536  # KMESH_MAX_REVERSE
 MAX_AFFINITY = 65536  # KMESH_MAX_AFFINITY
+MAX_TRANSLATED = 65536  # KMESH_MAX_TRANSLATED (a power of two)
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: Kubernetes' sessionAffinityConfig default
 
 # Pinned object names (the program and map names in bpf/kmesh_lb.c).
@@ -43,6 +44,7 @@ MAP_CONFIG = "kmesh_config"
 MAP_ENROLLED = "kmesh_enrolled"
 MAP_REVERSE = "kmesh_reverse"
 MAP_AFFINITY = "kmesh_affinity"
+MAP_TRANSLATED = "kmesh_translated"
 PROG_CONNECT4 = "kmesh_connect4"
 PROG_CONNECT6 = "kmesh_connect6"
 PROG_SENDMSG4 = "kmesh_sendmsg4"
@@ -185,6 +187,13 @@ REVERSE_KEY = Layout(
 )
 REVERSE = Layout("kmesh_reverse",
                  [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key")])
+TRANSLATION = Layout(
+    "kmesh_translation",
+    [Field("socket_cookie", "Q"),
+     Field("endpoint", f"{ENDPOINT.size}s", struct="kmesh_endpoint"),
+     Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"),
+     Field("check", "Q"), Field("pad", "Q")],
+)
 AFFINITY_KEY = Layout(
     "kmesh_affinity_key",
     [Field("netns_cookie", "Q"),
@@ -199,7 +208,43 @@ U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")  # kmesh_enrolled's key: a netns cookie
 
 ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT,
-               REVERSE_KEY, REVERSE, AFFINITY_KEY, AFFINITY)
+               REVERSE_KEY, REVERSE, TRANSLATION, AFFINITY_KEY, AFFINITY)
+
+
+_U64 = (1 << 64) - 1
+_WORDS5 = struct.Struct("=5I")
+
+
+def _mix(x: int) -> int:
+    """kmesh_mix in bpf/kmesh_lb.c: murmur3's 64-bit finaliser."""
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _U64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _U64
+    return x ^ (x >> 33)
+
+
+def _fold(h: int, packed20: bytes) -> int:
+    """kmesh_fold: five native-order words of a packed endpoint or frontend key into h."""
+    w = _WORDS5.unpack(packed20)
+    h = _mix(h ^ (w[0] | w[1] << 32))
+    h = _mix(h ^ (w[2] | w[3] << 32))
+    return _mix(h ^ w[4])
+
+
+def translation_way(socket_cookie: int, endpoint: bytes) -> int:
+    """kmesh_way: the hash of (socket, packed endpoint) whose low bits pick the
+    kmesh_translated slot."""
+    return _fold(_mix(socket_cookie), endpoint)
+
+
+def translation_slot(socket_cookie: int, endpoint: bytes) -> int:
+    return translation_way(socket_cookie, endpoint) & (MAX_TRANSLATED - 1)
+
+
+def translation_check(socket_cookie: int, endpoint: bytes, frontend: bytes) -> int:
+    """kmesh_check: what a whole kmesh_translation entry carries in ``check`` (never 0)."""
+    return _fold(translation_way(socket_cookie, endpoint), frontend) | 1
 
 
 def parse_ip(text: str) -> IPAddress:

@@ -91,7 +91,8 @@ def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
     lines.append(f"reverse translations ({len(view.reverse)}): per translated socket and "
                  "endpoint, what getpeername() and replies show")
     for r in view.reverse:
-        lines.append(f"  socket cookie {r.socket_cookie}: {r.endpoint} shown as {r.frontend}")
+        lines.append(f"  socket cookie {r.socket_cookie}: {r.endpoint} shown as {r.frontend} "
+                     f"({r.held})")
     lines.append(f"session affinity ({len(view.affinity)}): the endpoint each client network "
                  "namespace is held to")
     for a in view.affinity:

@@ -21,7 +21,7 @@ import pytest
 from datapath_bed import Bed, ip, tiers
 
 from kmesh_lab import netns, procs
-from kmesh_plugin.datapath import records
+from kmesh_plugin.datapath import inspect, records
 from kmesh_plugin.datapath.build import Capacities
 from kmesh_plugin.datapath.records import MODE_FAILOVER, MODE_STRICT, Backend, Frontend
 
@@ -239,9 +239,8 @@ def test_getpeername_shows_the_cluster_ip_of_a_translated_socket(beds: Beds) -> 
 def test_a_closed_socket_takes_its_translation_with_it(beds: Beds) -> None:
     web = beds.bed.server("web", "198.18.0.5", 8080)
     web6 = beds.bed.server("web6", "2001:2::5", 8080)
-    beds.bed.publish({WEB: tiers([web], mode=MODE_FAILOVER),
-                      Frontend(ip(VIP6), 80, records.PROTOCOLS["TCP"]):
-                      tiers([web6], mode=MODE_FAILOVER)})
+    v6 = Frontend(ip(VIP6), 80, records.PROTOCOLS["TCP"])
+    beds.bed.publish({WEB: tiers([web], mode=MODE_FAILOVER), v6: tiers([web6], mode=MODE_FAILOVER)})
     reverse = beds.bed.dp[records.MAP_REVERSE]
     client = beds.peer()
     socks = []
@@ -251,12 +250,62 @@ def test_a_closed_socket_takes_its_translation_with_it(beds: Beds) -> None:
         socks.append(sock)
     udp = client.socket()
     assert client("connect", id=udp, host=VIP, port=80)["errno"] == "ECONNREFUSED"  # no UDP
-    cookies = {client("cookie", id=sock)["cookie"] for sock in socks}
-    assert {records.REVERSE_KEY.unpack(k)["socket_cookie"] for k in reverse.keys()} == cookies
+    cookies = [client("cookie", id=sock)["cookie"] for sock in socks]
+    # A connect notes its translation in kmesh_translated, with plain stores (no LRU update);
+    # the check Python computes over the entry is the one the program wrote.
+    noted = inspect.read_translated(beds.bed.dp[records.MAP_TRANSLATED].lookup_batch())
+    assert {(r.socket_cookie, str(r.frontend)) for r in noted} == {
+        (cookies[0], str(WEB)), (cookies[1], str(v6)), (cookies[2], str(WEB))}
+    assert list(reverse.keys()) == []
+    # The first getpeername moves it to kmesh_reverse, where the LRU keeps it while it is used.
+    for sock, shown in zip(socks, (f"{VIP}:80", f"[{VIP6}]:80", f"[::ffff:{VIP}]:80"),
+                           strict=True):
+        assert client("getpeername", id=sock)["peer"] == shown
+    assert {records.REVERSE_KEY.unpack(k)["socket_cookie"] for k in reverse.keys()} == set(cookies)
     for sock in socks:
         client("close", id=sock)
     # sock_release ran for each (a TCP close releases the socket at once, without linger).
     assert list(reverse.keys()) == []
+
+
+def test_a_torn_or_overwritten_translation_is_never_shown(beds: Beds) -> None:
+    """kmesh_translated has no lock: a reader uses a slot only when its cookie, endpoint and
+    check all match, so a slot another socket took, or one caught half written, shows the
+    endpoint itself, never another frontend."""
+    web = beds.bed.server("web", "198.18.0.5", 8080)
+    other = Frontend(ip("198.19.0.99"), 8000, records.PROTOCOLS["TCP"])
+    beds.bed.publish({WEB: tiers([web], mode=MODE_FAILOVER),
+                      other: tiers([web], mode=MODE_FAILOVER)})
+    translated = beds.bed.dp[records.MAP_TRANSLATED]
+    client = beds.peer()
+
+    def noted() -> tuple[dict[str, object], int, bytes]:
+        sock = client.socket(kind="tcp")
+        assert client("connect", id=sock, host=VIP, port=80)["ok"]
+        cookie = client("cookie", id=sock)["cookie"]
+        endpoint = web.pack()
+        key = records.U32.pack(records.translation_slot(cookie, endpoint))
+        entry = records.TRANSLATION.unpack(translated.lookup(key))
+        assert entry["socket_cookie"] == cookie and entry["frontend"] == WEB.pack()
+        return {"sock": sock, **entry}, cookie, key
+
+    # Half written: the other frontend's bytes under the check of this one's.
+    entry, cookie, key = noted()
+    translated.update(key, records.TRANSLATION.pack(
+        {**entry, "frontend": other.pack(), "pad": 0}))
+    assert client("getpeername", id=entry["sock"])["peer"] == "198.18.0.5:8080"
+    # Whole: the same bytes with their own check are believed (so the check is what decided).
+    entry, cookie, key = noted()
+    translated.update(key, records.TRANSLATION.pack(
+        {**entry, "frontend": other.pack(), "pad": 0,
+         "check": records.translation_check(cookie, web.pack(), other.pack())}))
+    assert client("getpeername", id=entry["sock"])["peer"] == "198.19.0.99:8000"
+    # Taken by another socket that hashed to the same slot.
+    entry, cookie, key = noted()
+    translated.update(key, records.TRANSLATION.pack(
+        {**entry, "socket_cookie": cookie + 1, "pad": 0,
+         "check": records.translation_check(cookie + 1, web.pack(), WEB.pack())}))
+    assert client("getpeername", id=entry["sock"])["peer"] == "198.18.0.5:8080"
 
 
 def test_getpeername_in_ipv6_and_across_a_restart(beds: Beds) -> None:

@@ -190,11 +190,13 @@ def with_socket_storage(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def fake_datapath(reverse: list[tuple[bytes, bytes]],
-                  affinity: list[tuple[bytes, bytes]]) -> FakeDatapath:
+                  affinity: list[tuple[bytes, bytes]],
+                  translated: list[tuple[bytes, bytes]] | None = None) -> FakeDatapath:
     maps = {}
     for name, spec in inspect.map_specs(FakeDatapath.capacities).items():
         maps[name] = FakeMap(spec.map_type, spec.max_entries)
     maps[records.MAP_REVERSE].items = reverse
+    maps[records.MAP_TRANSLATED].items = translated or []
     maps[records.MAP_AFFINITY].items = affinity
     return FakeDatapath(maps)
 
@@ -202,6 +204,30 @@ def fake_datapath(reverse: list[tuple[bytes, bytes]],
 def reverse_entry(cookie: int, endpoint: Backend, frontend: Frontend) -> tuple[bytes, bytes]:
     return (records.REVERSE_KEY.pack({"socket_cookie": cookie, "endpoint": endpoint.pack()}),
             records.REVERSE.pack({"frontend": frontend.pack()}))
+
+
+def translated_entry(slot: int, cookie: int, endpoint: Backend, frontend: Frontend,
+                     check: int | None = None) -> tuple[bytes, bytes]:
+    if check is None:
+        check = records.translation_check(cookie, endpoint.pack(), frontend.pack())
+    return (records.U32.pack(slot), records.TRANSLATION.pack(
+        {"socket_cookie": cookie, "endpoint": endpoint.pack(), "frontend": frontend.pack(),
+         "check": check}))
+
+
+def test_read_shows_only_whole_translations(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = translated_entry(1, 40, b(EP1, 53), OTHER)
+    torn = translated_entry(2, 41, b(EP2, 53), OTHER,
+                            check=records.translation_check(41, b(EP2, 53).pack(), FE.pack()))
+    empty = (records.U32.pack(3), bytes(records.TRANSLATION.size))
+    dp = fake_datapath([reverse_entry(9, b(EP2, 53), OTHER)], [], [empty, torn, whole])
+    monkeypatch.setattr(inspect, "read_table", lambda dp: {FE: sticky((EP1,), (EP2,))})
+    monkeypatch.setattr(inspect, "read_links", lambda pin_dir: links())
+    v = inspect.read(dp)  # type: ignore[arg-type]
+    assert v.reverse == [ReverseView(40, b(EP1, 53), OTHER, held="translated"),
+                         ReverseView(9, b(EP2, 53), OTHER)]
+    assert v.entries[records.MAP_TRANSLATED] == 1
+    assert v.capacity[records.MAP_TRANSLATED] == records.MAX_TRANSLATED
 
 
 def affinity_entry(cookie: int, frontend: Frontend, endpoint: Backend, tier: int, index: int,
@@ -236,7 +262,7 @@ def test_read_decodes_reverse_and_affinity_and_skips_a_socket_storage(
     assert PEERS not in out["maps"]
     assert [a["state"] for a in out["affinity"]] == ["expired", "expired"]  # used at boot
     assert out["reverse"][0] == {"socket_cookie": 3, "endpoint": "198.19.1.1:53",
-                                 "frontend": "198.18.0.10:53/UDP"}
+                                 "frontend": "198.18.0.10:53/UDP", "held": "reverse"}
     assert out["frontends"][0]["affinity_timeout"] == 60
 
 
