@@ -273,8 +273,9 @@ found:
 	return 1;
 }
 
+/* chance: a uniform random number, which picks the slot of a new choice. */
 static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key *key,
-				      struct kmesh_endpoint *out)
+				      __u32 chance, struct kmesh_endpoint *out)
 {
 	struct kmesh_frontend *frontend;
 	struct kmesh_record *record;
@@ -335,10 +336,15 @@ static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key
 			goto picked;
 	}
 
-	slot.index = bpf_get_prandom_u32() % count;
-	endpoint = bpf_map_lookup_elem(&kmesh_slots, &slot);
-	if (!endpoint)
-		goto refuse; /* a count without its slot is a core bug: never pass through */
+	slot.index = chance % count;
+	if (tier == record->inline_tier && slot.index < KMESH_INLINE_SLOTS) {
+		/* The mask is a no-op the verifier needs to prove the index in bounds. */
+		endpoint = &record->inline_slots[slot.index & (KMESH_INLINE_SLOTS - 1)];
+	} else {
+		endpoint = bpf_map_lookup_elem(&kmesh_slots, &slot);
+		if (!endpoint)
+			goto refuse; /* a count without its slot is a core bug: never pass through */
+	}
 	__builtin_memcpy(out, endpoint, sizeof(*out));
 	if (timeout) {
 		/* A new choice (first connect, expiry, or the endpoint left the best tier). An
@@ -449,29 +455,31 @@ static __always_inline __u64 kmesh_fold(__u64 h, const void *what)
 	return kmesh_mix(h ^ w[4]);
 }
 
-/* kmesh_translated's hash of (socket, endpoint): its low bits pick the slot, and check
- * continues from it over the frontend (kmesh_check). */
-static __always_inline __u64 kmesh_way(__u64 socket_cookie, const struct kmesh_endpoint *endpoint)
+/* A socket's kmesh_translated slot: its cookie's low bits. The kernel hands cookies out in
+ * per-CPU runs of consecutive numbers, so the connects of one CPU write consecutive slots (a
+ * line just written is still in its cache, where a hashed slot was a cache miss: ~35 ns), and
+ * a slot is taken again only 65,536 cookies later: first in, first out, where a hash would
+ * lose an entry to any later connect with odds of 2^-16 each. */
+static __always_inline __u32 kmesh_slot_of(__u64 socket_cookie)
 {
-	return kmesh_fold(kmesh_mix(socket_cookie), endpoint);
+	return (__u32)socket_cookie & (KMESH_MAX_TRANSLATED - 1);
 }
 
-/* Never 0, which marks an empty slot. */
-static __always_inline __u64 kmesh_check(__u64 way, const struct kmesh_frontend_key *frontend)
+/* struct kmesh_translation's check over its fields; never 0, which marks an empty slot. */
+static __always_inline __u64 kmesh_check(__u64 socket_cookie,
+					 const struct kmesh_endpoint *endpoint,
+					 const struct kmesh_frontend_key *frontend)
 {
-	return kmesh_fold(way, frontend) | 1;
+	return kmesh_fold(kmesh_fold(kmesh_mix(socket_cookie), endpoint), frontend) | 1;
 }
 
 /* connect() translated: note (socket, endpoint) -> frontend in kmesh_translated, without a
  * lock or a helper call (see struct kmesh_translation). check goes last: a reader that sees
  * the new check sees the fields it covers, or a mixture that fails it. */
-static __always_inline void kmesh_note(struct bpf_sock_addr *ctx,
-				       const struct kmesh_frontend_key *key,
+static __always_inline void kmesh_note(__u64 cookie, const struct kmesh_frontend_key *key,
 				       const struct kmesh_endpoint *endpoint)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	__u64 way = kmesh_way(cookie, endpoint);
-	__u32 slot = (__u32)way & (KMESH_MAX_TRANSLATED - 1);
+	__u32 slot = kmesh_slot_of(cookie);
 	struct kmesh_translation *t = bpf_map_lookup_elem(&kmesh_translated, &slot);
 
 	if (!t)
@@ -480,21 +488,20 @@ static __always_inline void kmesh_note(struct bpf_sock_addr *ctx,
 	t->socket_cookie = cookie;
 	__builtin_memcpy(&t->endpoint, endpoint, sizeof(t->endpoint));
 	__builtin_memcpy(&t->frontend, key, sizeof(t->frontend));
-	WRITE_ONCE_U64(t->check, kmesh_check(way, key));
+	WRITE_ONCE_U64(t->check, kmesh_check(cookie, endpoint, key));
 }
 
 /* An unconnected UDP sendmsg() translated: remember (socket, endpoint) -> frontend in
  * kmesh_reverse. It looks first: a resolver sends many datagrams to one endpoint, and a hit
  * costs no LRU update. */
-static __always_inline void kmesh_remember(struct bpf_sock_addr *ctx,
-					   const struct kmesh_frontend_key *key,
+static __always_inline void kmesh_remember(__u64 cookie, const struct kmesh_frontend_key *key,
 					   const struct kmesh_endpoint *endpoint)
 {
 	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
 	struct kmesh_reverse back;
 	struct kmesh_reverse *known;
 
-	way.socket_cookie = bpf_get_socket_cookie(ctx);
+	way.socket_cookie = cookie;
 	__builtin_memcpy(&way.endpoint, endpoint, sizeof(way.endpoint));
 	known = bpf_map_lookup_elem(&kmesh_reverse, &way);
 	if (known && kmesh_same_frontend(&known->frontend, key))
@@ -505,23 +512,19 @@ static __always_inline void kmesh_remember(struct bpf_sock_addr *ctx,
 
 /* connect() or sendmsg() to an address that is no frontend: if this socket was translated to
  * that very address before, its replies and peer are the address itself from now on. */
-static __always_inline void kmesh_forget(struct bpf_sock_addr *ctx,
-					 const struct kmesh_frontend_key *key)
+static __always_inline void kmesh_forget(__u64 cookie, const struct kmesh_frontend_key *key)
 {
 	struct kmesh_reverse_key way __attribute__((aligned(8))) = {};
 	struct kmesh_translation *t;
-	__u64 hash;
-	__u32 slot;
+	__u32 slot = kmesh_slot_of(cookie);
 
-	way.socket_cookie = bpf_get_socket_cookie(ctx);
+	way.socket_cookie = cookie;
 	__builtin_memcpy(way.endpoint.addr, key->addr, sizeof(way.endpoint.addr));
 	way.endpoint.port = key->port;
 	if (bpf_map_lookup_elem(&kmesh_reverse, &way))
 		bpf_map_delete_elem(&kmesh_reverse, &way);
-	hash = kmesh_way(way.socket_cookie, &way.endpoint);
-	slot = (__u32)hash & (KMESH_MAX_TRANSLATED - 1);
 	t = bpf_map_lookup_elem(&kmesh_translated, &slot);
-	if (t && READ_ONCE_U64(t->socket_cookie) == way.socket_cookie)
+	if (t && READ_ONCE_U64(t->socket_cookie) == cookie)
 		WRITE_ONCE_U64(t->check, 0);
 }
 
@@ -537,7 +540,6 @@ static __always_inline int kmesh_asked(struct bpf_sock_addr *ctx,
 	struct kmesh_translation seen __attribute__((aligned(8)));
 	struct kmesh_translation *t;
 	struct kmesh_reverse *back;
-	__u64 hash;
 	__u32 slot;
 
 	way.socket_cookie = bpf_get_socket_cookie(ctx);
@@ -547,8 +549,7 @@ static __always_inline int kmesh_asked(struct bpf_sock_addr *ctx,
 		__builtin_memcpy(asked, &back->frontend, sizeof(*asked));
 		return 1;
 	}
-	hash = kmesh_way(way.socket_cookie, from);
-	slot = (__u32)hash & (KMESH_MAX_TRANSLATED - 1);
+	slot = kmesh_slot_of(way.socket_cookie);
 	t = bpf_map_lookup_elem(&kmesh_translated, &slot);
 	if (!t)
 		return 0;
@@ -560,7 +561,7 @@ static __always_inline int kmesh_asked(struct bpf_sock_addr *ctx,
 	__builtin_memcpy(&seen, t, __builtin_offsetof(struct kmesh_translation, check));
 	if (seen.socket_cookie != way.socket_cookie ||
 	    !kmesh_same_endpoint(&seen.endpoint, from) ||
-	    seen.check != kmesh_check(hash, &seen.frontend))
+	    seen.check != kmesh_check(seen.socket_cookie, &seen.endpoint, &seen.frontend))
 		return 0;
 	__builtin_memcpy(asked, &seen.frontend, sizeof(*asked));
 	/* Used: keep it where an LRU holds it while it is, and out of the way of new connects. */
@@ -573,6 +574,8 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 {
 	struct kmesh_frontend_key key __attribute__((aligned(4))) = {};
 	struct kmesh_endpoint endpoint __attribute__((aligned(4)));
+	__u64 cookie;
+	__u32 chance;
 	int verdict;
 
 	if (!kmesh_ours(ctx))
@@ -583,13 +586,24 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 		kmesh_read6(ctx, key.addr, &key.port);
 	key.protocol = ctx->protocol;
 
-	verdict = kmesh_pick(ctx, &key, &endpoint);
+	/* Every outcome but a refusal needs the cookie: taken once. */
+	cookie = bpf_get_socket_cookie(ctx);
+	/* A connect's random pick comes from its socket's cookie and the clock's jiffies (an
+	 * inlined load), mixed: the prandom helper call costs ~30 ns, a third of what the rest
+	 * of the program may take. Cookies are never reused, so sockets pick independently, and
+	 * the same socket connecting again a tick later picks again. A datagram keeps the
+	 * helper: the datagrams of one socket are each picked anew. */
+	if (datagram)
+		chance = bpf_get_prandom_u32();
+	else
+		chance = (__u32)kmesh_mix(cookie ^ (bpf_jiffies64() << 40));
+	verdict = kmesh_pick(ctx, &key, chance, &endpoint);
 	switch (verdict) {
 	case KMESH_REWRITE:
 		if (datagram)
-			kmesh_remember(ctx, &key, &endpoint);
+			kmesh_remember(cookie, &key, &endpoint);
 		else
-			kmesh_note(ctx, &key, &endpoint);
+			kmesh_note(cookie, &key, &endpoint);
 		if (family == 4)
 			kmesh_write4(ctx, endpoint.addr, endpoint.port);
 		else
@@ -598,7 +612,7 @@ static __always_inline int kmesh_translate(struct bpf_sock_addr *ctx, int family
 	case KMESH_REFUSE:
 		return kmesh_refuse(ctx);
 	default:
-		kmesh_forget(ctx, &key);
+		kmesh_forget(cookie, &key);
 		return SOCK_ADDR_ALLOW;
 	}
 }

@@ -19,7 +19,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 5  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 6  # KMESH_LAYOUT_VERSION
+INLINE_SLOTS = 4  # KMESH_INLINE_SLOTS: slots of the picked tier a record carries
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
 MODE_STRICT = 2
@@ -163,19 +164,21 @@ FRONTEND_KEY = Layout(
 )
 FRONTEND = Layout("kmesh_frontend", [Field("sid", "I")])
 VIP = Layout("kmesh_vip", [Field("addr", "16s")])
+ENDPOINT = Layout(
+    "kmesh_endpoint",
+    [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("pad", "H")],
+)
 RECORD = Layout(
     "kmesh_record",
     [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"),
-     Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"), Field("pad", "H"),
-     Field("count", "H", count=MAX_TIERS), Field("affinity_timeout", "I")],
+     Field("generation", "I"), Field("mode", "B"), Field("ntiers", "B"),
+     Field("inline_tier", "B"), Field("pad", "B"),
+     Field("count", "H", count=MAX_TIERS), Field("affinity_timeout", "I"),
+     Field("inline_slots", f"{INLINE_SLOTS * ENDPOINT.size}s", struct="kmesh_endpoint")],
 )
 SLOT_KEY = Layout(
     "kmesh_slot_key",
     [Field("sid", "I"), Field("set", "B"), Field("tier", "B"), Field("index", "H")],
-)
-ENDPOINT = Layout(
-    "kmesh_endpoint",
-    [Field("addr", "16s"), Field("port", "H", big_endian=True), Field("pad", "H")],
 )
 STATS = Layout("kmesh_stats", [Field("hits", "Q", count=MAX_TIERS), Field("refused", "Q")])
 CONFIG = Layout("kmesh_config", [Field("enrolment", "I"), Field("pad", "I")])
@@ -232,19 +235,14 @@ def _fold(h: int, packed20: bytes) -> int:
     return _mix(h ^ w[4])
 
 
-def translation_way(socket_cookie: int, endpoint: bytes) -> int:
-    """kmesh_way: the hash of (socket, packed endpoint) whose low bits pick the
-    kmesh_translated slot."""
-    return _fold(_mix(socket_cookie), endpoint)
-
-
-def translation_slot(socket_cookie: int, endpoint: bytes) -> int:
-    return translation_way(socket_cookie, endpoint) & (MAX_TRANSLATED - 1)
+def translation_slot(socket_cookie: int) -> int:
+    """kmesh_slot_of: a socket's kmesh_translated slot, its cookie's low bits."""
+    return socket_cookie & (MAX_TRANSLATED - 1)
 
 
 def translation_check(socket_cookie: int, endpoint: bytes, frontend: bytes) -> int:
     """kmesh_check: what a whole kmesh_translation entry carries in ``check`` (never 0)."""
-    return _fold(translation_way(socket_cookie, endpoint), frontend) | 1
+    return _fold(_fold(_mix(socket_cookie), endpoint), frontend) | 1
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -411,8 +409,17 @@ class BackendSet:
     def record(self, generation: int, frontend: bytes) -> bytes:
         """The kmesh_record of this set for the group serving ``frontend`` (its packed key)."""
         counts = [len(t) for t in self.tiers] + [0] * (MAX_TIERS - len(self.tiers))
-        return RECORD.pack_fields(frontend, generation, self.mode, len(self.tiers), 0, *counts,
-                                  self.affinity)
+        tier = self.picked_tier()
+        inline = b"".join(b.pack() for b in self.tiers[tier][:INLINE_SLOTS])
+        return RECORD.pack_fields(frontend, generation, self.mode, len(self.tiers), tier, 0,
+                                  *counts, self.affinity, inline)
+
+    def picked_tier(self) -> int:
+        """The tier a connect picks from (kmesh_pick): the first non-empty one, or tier 0 in
+        strict mode (and when every tier is empty)."""
+        if self.mode == MODE_STRICT:
+            return 0
+        return next((i for i, members in enumerate(self.tiers) if members), 0)
 
 
 def record_index(sid: int, set_: int) -> bytes:

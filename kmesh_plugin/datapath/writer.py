@@ -150,6 +150,10 @@ def _scan(dp: Datapath) -> tuple[dict[Frontend, Published], list[bytes], list[by
                 tiers.append(tuple(m for m in members if m is not None))
             if tiers is not None:
                 backends = BackendSet(record["mode"], tuple(tiers), record["affinity_timeout"])
+                # The record's inline copies of the picked tier must be those slots (the
+                # program reads them instead): any other record is rewritten on publish.
+                if raw_record != backends.record(record["generation"], frontend.pack()):
+                    backends = None
         generation = record["generation"] if record else 0
         table[frontend] = Published(sid, active, generation, backends)
     by_sid: dict[int, list[Frontend]] = defaultdict(list)

@@ -236,6 +236,13 @@ class LiveSetGuard:
                 if self.maps[records.MAP_SLOTS].lookup(records.slot_key(sid, set_, tier, i)) \
                         is None:
                     return f"count {rec['count'][tier]} of tier {tier} without slot {i}"
+        # The program reads the record's copies of the picked tier instead of those slots.
+        tier = rec["inline_tier"]
+        size = records.ENDPOINT.size
+        for i in range(min(records.INLINE_SLOTS, rec["count"][tier] if tier < 8 else 0)):
+            slot = self.maps[records.MAP_SLOTS].lookup(records.slot_key(sid, set_, tier, i))
+            if rec["inline_slots"][i * size:(i + 1) * size] != slot:
+                return f"inline slot {i} of tier {tier} differs from its slot"
         return None
 
     def _touch(self, what: str, owners: set[tuple[int, int]]) -> None:

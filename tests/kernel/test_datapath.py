@@ -68,6 +68,42 @@ def test_spreads_uniformly_inside_a_tier(bed: Bed) -> None:
     assert all(59 <= n <= 141 for n in counts.values()), counts
 
 
+def test_spreads_uniformly_over_a_tier_larger_than_the_record_carries(bed: Bed) -> None:
+    """A record carries the first INLINE_SLOTS endpoints of the picked tier; the rest are
+    picked through kmesh_slots, with the same odds."""
+    names = [f"ep{i}" for i in range(records.INLINE_SLOTS + 2)]
+    servers = [bed.server(n, f"198.18.0.{i + 1}", 8080) for i, n in enumerate(names)]
+    client = bed.client()
+    bed.publish({FRONT: tiers(servers, mode=MODE_RANDOM)})
+    counts = collections.Counter(answered(client.get(URL, count=600)))
+    assert set(counts) == set(names)
+    # Each of 6 gets 100 +- 5 sigma (sigma ~ 9.1).
+    assert all(54 <= n <= 146 for n in counts.values()), counts
+
+
+def test_a_record_whose_copies_disagree_with_its_slots_is_rewritten(bed: Bed) -> None:
+    """The program picks from the record's copies of the tier: a record whose copies are not
+    its slots (a foreign writer, garbage) is taken for an incomplete set when the writer
+    recovers, and rewritten by the next publish."""
+    a = bed.server("a", "198.18.0.1", 8080)
+    b = bed.server("b", "198.18.0.2", 8080)
+    stray = bed.server("stray", "198.18.0.3", 8080)
+    client = bed.client()
+    table = {FRONT: tiers([a, b], mode=MODE_RANDOM)}
+    bed.publish(table)
+    published = read_table(bed.dp)[FRONT]
+    key = records.record_index(published.sid, published.set)
+    rec = records.RECORD.unpack(bed.dp[records.MAP_RECORDS].lookup(key))
+    size = records.ENDPOINT.size
+    bed.dp[records.MAP_RECORDS].update(key, records.RECORD.pack(
+        {**rec, "inline_slots": stray.pack() + rec["inline_slots"][size:]}))
+    assert "stray" in answered(client.get(URL, count=60))  # the copies are what is read
+    bed.reattach()  # a restarting agent: recover() reads the maps
+    assert read_table(bed.dp)[FRONT].backends is None
+    bed.publish(table)
+    assert set(answered(client.get(URL, count=60))) == {"a", "b"}
+
+
 def test_strict_refuses_at_once_when_tier_0_is_empty(bed: Bed) -> None:
     other = bed.server("other-node", "198.18.0.2", 8080)
     client = bed.client()

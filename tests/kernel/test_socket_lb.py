@@ -283,8 +283,7 @@ def test_a_torn_or_overwritten_translation_is_never_shown(beds: Beds) -> None:
         sock = client.socket(kind="tcp")
         assert client("connect", id=sock, host=VIP, port=80)["ok"]
         cookie = client("cookie", id=sock)["cookie"]
-        endpoint = web.pack()
-        key = records.U32.pack(records.translation_slot(cookie, endpoint))
+        key = records.U32.pack(records.translation_slot(cookie))
         entry = records.TRANSLATION.unpack(translated.lookup(key))
         assert entry["socket_cookie"] == cookie and entry["frontend"] == WEB.pack()
         return {"sock": sock, **entry}, cookie, key

@@ -134,10 +134,11 @@ def test_backend_set_record_round_trip() -> None:
     backends = BackendSet(MODE_FAILOVER, ((a,), (b, c), (), (), ()))
     assert backends.size == 3
     raw = backends.record(7, FRONT_KEY)
-    assert len(raw) == RECORD.size == 48
+    assert len(raw) == RECORD.size == 128
     assert RECORD.unpack(raw) == {
-        "frontend": FRONT_KEY, "generation": 7, "mode": MODE_FAILOVER, "ntiers": 5, "pad": 0,
-        "count": (1, 2, 0, 0, 0, 0, 0, 0), "affinity_timeout": 0,
+        "frontend": FRONT_KEY, "generation": 7, "mode": MODE_FAILOVER, "ntiers": 5,
+        "inline_tier": 0, "pad": 0, "count": (1, 2, 0, 0, 0, 0, 0, 0), "affinity_timeout": 0,
+        "inline_slots": a.pack() + bytes(60),
     }
     # The frontend's key first (the program compares it), then native-order integers.
     assert raw[:20] == FRONT_KEY
@@ -150,9 +151,22 @@ def test_backend_set_record_strict_full() -> None:
     raw = BackendSet(MODE_STRICT, tiers).record(0xFFFFFFFF, FRONT_KEY)
     assert RECORD.unpack(raw) == {
         "frontend": FRONT_KEY, "generation": 0xFFFFFFFF, "mode": MODE_STRICT,
-        "ntiers": MAX_TIERS, "pad": 0,
+        "ntiers": MAX_TIERS, "inline_tier": 0, "pad": 0,
         "count": tuple(range(1, MAX_TIERS + 1)), "affinity_timeout": 0,
+        "inline_slots": tiers[0][0].pack() + bytes(60),
     }
+
+
+def test_a_record_carries_the_first_slots_of_the_tier_a_connect_picks_from() -> None:
+    near = tuple(Backend(ip(f"198.19.1.{i}"), 80) for i in range(1, 7))
+    far = (Backend(ip("198.19.2.1"), 80),)
+    # Failover: the first non-empty tier (tier 1 here), its first INLINE_SLOTS endpoints.
+    rec = RECORD.unpack(BackendSet(MODE_FAILOVER, ((), near, far)).record(1, FRONT_KEY))
+    assert rec["inline_tier"] == 1
+    assert rec["inline_slots"] == b"".join(b.pack() for b in near[:records.INLINE_SLOTS])
+    # Strict picks from tier 0 only: an empty tier 0 carries nothing.
+    rec = RECORD.unpack(BackendSet(MODE_STRICT, ((), near)).record(1, FRONT_KEY))
+    assert rec["inline_tier"] == 0 and rec["inline_slots"] == bytes(RECORD.size - 48)
 
 
 @pytest.mark.parametrize("ntiers", [0, MAX_TIERS + 1])
@@ -203,7 +217,8 @@ def test_layout_array_too_long() -> None:
 
 def test_layout_offsets_follow_c_alignment() -> None:
     assert RECORD.offsets == {"frontend": 0, "generation": 20, "mode": 24, "ntiers": 25,
-                              "pad": 26, "count": 28, "affinity_timeout": 44}
+                              "inline_tier": 26, "pad": 27, "count": 28, "affinity_timeout": 44,
+                              "inline_slots": 48}
     assert FRONTEND_KEY.offsets == {"addr": 0, "port": 16, "protocol": 18, "pad": 19}
     assert records.STATS.size == 72 and records.STATS.offsets == {"hits": 0, "refused": 64}
 
@@ -267,7 +282,11 @@ def test_every_layout_matches_the_btf(btf: dict[int, dict[str, Any]]) -> None:
             assert member["bits_offset"] == layout.offsets[field.name] * 8, f"{what}: offset"
             assert "bitfield_size" not in member or member["bitfield_size"] == 0, what
             t = _resolve(btf, member["type_id"])
-            if field.struct:  # a nested struct, carried as its bytes
+            if field.struct and t["kind"] == "ARRAY":  # nested structs, carried as bytes
+                element = _resolve(btf, t["type_id"])
+                assert element["kind"] == "STRUCT" and element["name"] == field.struct, what
+                assert t["nr_elems"] * element["size"] == field.size, f"{what}: size"
+            elif field.struct:  # a nested struct, carried as its bytes
                 assert t["kind"] == "STRUCT" and t["name"] == field.struct, f"{what}: struct"
                 assert t["size"] == field.size, f"{what}: size"
             elif field.code.endswith("s"):  # a byte array: __u8 name[N]
