@@ -180,3 +180,13 @@ def test_every_verdict_is_a_known_value() -> None:
     assert by["udp_rr_ratio N=1"] == "inconclusive"  # two runs only
     assert by["affinity_connect_ratio N=1"] == "pass"
     assert all(t["verdict"] in (*report.VERDICTS, None) for t in rows)
+
+
+def test_a_figure_names_the_machine_and_the_run_it_came_from() -> None:
+    label = report.machine_label({
+        "started": "2026-12-03T13:30:00Z",
+        "machine": {"cpu": "AMD EPYC", "cpus": 2, "memory_gb": 7.8, "kernel": "6.18.44",
+                    "id": "0123456789ab"}})
+    assert label == ("AMD EPYC, 2 CPUs, 7.8 GB, kernel 6.18.44 (machine 0123456789ab), "
+                     "2026-12-03T13:30:00Z")
+    assert report.machine_label({}).startswith("unknown CPU")

@@ -160,6 +160,14 @@ def machine() -> dict[str, Any]:
     return out
 
 
+def machine_label(results: dict[str, Any]) -> str:
+    """Which machine and run a figure came from, for its caption."""
+    m = results.get("machine") or {}
+    return (f"{m.get('cpu') or 'unknown CPU'}, {m.get('cpus', '?')} CPUs, "
+            f"{m.get('memory_gb', '?')} GB, kernel {m.get('kernel', '?')} "
+            f"(machine {m.get('id', '?')}), {results.get('started', '')}").strip(", ")
+
+
 def _version(argv: list[str]) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
@@ -502,7 +510,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8, loc="lower left")
     fig.suptitle("New connections through each load balancer (medians of interleaved rounds, "
-                 "95% bootstrap intervals)")
+                 "95% bootstrap intervals)\n" + machine_label(results), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
