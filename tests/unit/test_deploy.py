@@ -360,7 +360,7 @@ def check_pod_shape(d: Deploy) -> None:
 
 
 def check_resources(d: Deploy) -> None:
-    m = re.search(r"agent RSS \|\s*([\d.]+)\s*MB", d.main_readme)
+    m = re.search(r"agent RSS \|(?:\s*-\s*\|)?\s*([\d.]+)\s*MB", d.main_readme)  # the N column: -
     assert m, "README.md no longer states the measured agent RSS"
     rss = float(m.group(1)) * 1e6
     res = d.agent.get("resources") or {}
