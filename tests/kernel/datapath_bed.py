@@ -239,7 +239,8 @@ class LiveSetGuard:
         # The program reads the record's copies of the picked tier instead of those slots.
         tier = rec["inline_tier"]
         size = records.ENDPOINT.size
-        for i in range(min(records.INLINE_SLOTS, rec["count"][tier] if tier < 8 else 0)):
+        count = rec["count"][tier] if tier < records.MAX_TIERS else 0
+        for i in range(min(records.INLINE_SLOTS, count)):
             slot = self.maps[records.MAP_SLOTS].lookup(records.slot_key(sid, set_, tier, i))
             if rec["inline_slots"][i * size:(i + 1) * size] != slot:
                 return f"inline slot {i} of tier {tier} differs from its slot"

@@ -334,9 +334,9 @@ def table(results: dict[str, Any]) -> str:
         for r in sorted(rows, key=lambda r: (r["n"], ORDER.index(r["path"]))):
             iv = r.get("ratio_interval") or interval(r.get("ratios") or [])
             ratio = _iv(iv) if iv else f"{r['ratio_to_direct']:.3f}"
-            errors = ", ".join(f"{k}:{v}" for k, v in r["errors"].items()) or "-"
             lines.append(f"| {r['n']} | {r['path']} | {r['rounds']} | {r['rate']:,.0f} | "
-                         f"{ratio} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {errors} |")
+                         f"{ratio} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
+                         f"{_errors(r['errors'])} |")
     costs = dp.get("program_cost") or []
     if costs:
         lines += ["", "**eBPF program cost against its floor** (kernel.bpf_stats_enabled: "
