@@ -5,7 +5,8 @@
  * before any packet leaves; and that show the ClusterIP:port again where the application looks:
  * the source of a reply (recvmsg) and the peer of a connected socket (getpeername).
  *
- * Per connect or datagram: frontend lookup -> active set -> record -> first non-empty tier
+ * Per connect or datagram: frontend lookup (kmesh_frontend_cache, then kmesh_frontends on a
+ * miss) -> active set -> record -> first non-empty tier
  * (tier 0 only in strict mode) -> the client's affinity endpoint if the Service has
  * sessionAffinity and it is still there, else a uniform random slot in that tier -> rewrite
  * address and port. A frontend with no eligible endpoint refuses the call with ECONNREFUSED;
@@ -42,6 +43,16 @@ struct {
 	__type(key, struct kmesh_frontend_key);
 	__type(value, struct kmesh_frontend);
 } kmesh_frontends SEC(".maps");
+
+_Static_assert((KMESH_FRONTEND_LINES & (KMESH_FRONTEND_LINES - 1)) == 0,
+	       "a frontend line is a hash masked with KMESH_FRONTEND_LINES - 1");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KMESH_FRONTEND_LINES);
+	__type(key, __u32);
+	__type(value, struct kmesh_frontend_line);
+} kmesh_frontend_cache SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -159,7 +170,8 @@ static __always_inline void kmesh_count(__u32 sid, __u32 tier, int refused)
 
 #ifdef KMESH_TEST_RACE_WINDOW
 /* Tests only (tests/kernel/test_races.py): spin this many bpf_loop rounds between looking a
- * frontend up and reading it, so that a test can recycle the element under a connect. */
+ * frontend up and reading it, and between the two halves of a kmesh_frontend_cache line's
+ * copy, so that a test can recycle the element, or rewrite the line, under a connect. */
 static long kmesh_spin(__u64 index, void *ctx)
 {
 	return 0;
@@ -273,6 +285,66 @@ found:
 	return 1;
 }
 
+/* murmur3's 64-bit finaliser: every input bit reaches every output bit. */
+static __always_inline __u64 kmesh_mix(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
+/* Five 4-byte words (a struct kmesh_endpoint or kmesh_frontend_key) folded into h. */
+static __always_inline __u64 kmesh_fold(__u64 h, const void *what)
+{
+	const __u32 *w = what;
+
+	h = kmesh_mix(h ^ ((__u64)w[0] | (__u64)w[1] << 32));
+	h = kmesh_mix(h ^ ((__u64)w[2] | (__u64)w[3] << 32));
+	return kmesh_mix(h ^ w[4]);
+}
+
+/* The sid one kmesh_frontend_cache line holds for key, if the line is whole and names key (see
+ * struct kmesh_frontend_line). The line is copied with volatile loads: the compiler may not
+ * read a field from the map again after the check. */
+static __always_inline int kmesh_line_sid(__u32 index, const struct kmesh_frontend_key *key,
+					  __u64 hash, __u32 *sid)
+{
+	union {
+		struct kmesh_frontend_line line;
+		__u64 words[4];
+	} seen;
+	const __u64 *words;
+
+	_Static_assert(sizeof(seen) == sizeof(seen.line), "a line is four 8-byte words");
+	words = bpf_map_lookup_elem(&kmesh_frontend_cache, &index);
+	if (!words)
+		return 0;
+	seen.words[0] = READ_ONCE_U64(words[0]);
+	seen.words[1] = READ_ONCE_U64(words[1]);
+	KMESH_RACE_WINDOW(); /* tests: a writer may rewrite the line between the halves */
+	seen.words[2] = READ_ONCE_U64(words[2]);
+	seen.words[3] = READ_ONCE_U64(words[3]);
+	if (!seen.line.check || !kmesh_same_frontend(&seen.line.frontend, key) ||
+	    seen.line.check != (kmesh_mix(hash ^ seen.line.sid) | 1))
+		return 0;
+	*sid = seen.line.sid;
+	return 1;
+}
+
+/* The sid kmesh_frontend_cache holds for key, from either line of its pair; 0 on a miss, which
+ * kmesh_frontends answers. */
+static __always_inline int kmesh_cached_sid(const struct kmesh_frontend_key *key, __u32 *sid)
+{
+	__u64 hash = kmesh_fold(KMESH_FRONTEND_SEED, key);
+	__u32 pair = (__u32)hash & (KMESH_FRONTEND_LINES - KMESH_FRONTEND_WAYS);
+
+	_Static_assert(KMESH_FRONTEND_WAYS == 2, "the pair's lines are tried one by one");
+	return kmesh_line_sid(pair, key, hash, sid) || kmesh_line_sid(pair + 1, key, hash, sid);
+}
+
 /* chance: a uniform random number, which picks the slot of a new choice. */
 static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key *key,
 				      __u32 chance, struct kmesh_endpoint *out)
@@ -287,11 +359,13 @@ static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key
 	__u32 *active;
 	__u32 sid, set, index, ntiers, tier, count = 0, timeout;
 
-	frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
-	if (!frontend)
-		goto no_frontend;
-	KMESH_RACE_WINDOW();
-	sid = READ_ONCE_U32(frontend->sid);
+	if (!kmesh_cached_sid(key, &sid)) {
+		frontend = bpf_map_lookup_elem(&kmesh_frontends, key);
+		if (!frontend)
+			goto no_frontend;
+		KMESH_RACE_WINDOW();
+		sid = READ_ONCE_U32(frontend->sid);
+	}
 
 	active = bpf_map_lookup_elem(&kmesh_active, &sid);
 	if (!active)
@@ -432,27 +506,6 @@ static __always_inline void kmesh_write6(struct bpf_sock_addr *ctx, const __u8 a
 	__builtin_memcpy(&word, &addr[12], 4);
 	ctx->user_ip6[3] = word;
 	ctx->user_port = port;
-}
-
-/* murmur3's 64-bit finaliser: every input bit reaches every output bit. */
-static __always_inline __u64 kmesh_mix(__u64 x)
-{
-	x ^= x >> 33;
-	x *= 0xff51afd7ed558ccdULL;
-	x ^= x >> 33;
-	x *= 0xc4ceb9fe1a85ec53ULL;
-	x ^= x >> 33;
-	return x;
-}
-
-/* Five 4-byte words (a struct kmesh_endpoint or kmesh_frontend_key) folded into h. */
-static __always_inline __u64 kmesh_fold(__u64 h, const void *what)
-{
-	const __u32 *w = what;
-
-	h = kmesh_mix(h ^ ((__u64)w[0] | (__u64)w[1] << 32));
-	h = kmesh_mix(h ^ ((__u64)w[2] | (__u64)w[3] << 32));
-	return kmesh_mix(h ^ w[4]);
 }
 
 /* A socket's kmesh_translated slot: its cookie's low bits. The kernel hands cookies out in

@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.mounts import check_trusted
 from kmesh_plugin.errors import DatapathError
 
@@ -36,10 +37,15 @@ class Capacities:
     max_services: int
     max_endpoints: int
 
+    @property
+    def frontend_lines(self) -> int:
+        return records.frontend_lines(self.max_services)
+
     def defines(self) -> list[str]:
         return [
             f"-DKMESH_MAX_SERVICES={self.max_services}",
             f"-DKMESH_MAX_ENDPOINTS={self.max_endpoints}",
+            f"-DKMESH_FRONTEND_LINES={self.frontend_lines}",
         ]
 
 

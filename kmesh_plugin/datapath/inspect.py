@@ -103,6 +103,9 @@ class DatapathView:
     affinity: list[AffinityView] = field(default_factory=list)
     # time.monotonic_ns() just after the maps were read: the clock of AffinityView.last_used.
     read_at: int = 0
+    # Frontends a kmesh_frontend_cache line holds with their sid: a connect to one of them
+    # needs no hash lookup. The others share a line with one of these (the hash finds them).
+    cached: set[Frontend] = field(default_factory=set)
 
     def published_for(self, a: AffinityView) -> Published | None:
         """The group an affinity entry is for, if its key is one a connect can build (the
@@ -120,7 +123,7 @@ class DatapathView:
                 name: {"entries": self.entries[name], "capacity": self.capacity[name]}
                 for name in sorted(self.capacity)
             },
-            "frontends": [group_json(f, p, self.stats.get(p.sid, {}))
+            "frontends": [group_json(f, p, self.stats.get(p.sid, {}), f in self.cached)
                           for f, p in sorted(self.groups.items(), key=lambda i: i[1].sid)],
             "vips": [str(ip) for ip in self.vips],
             "reverse": [r.to_json() for r in self.reverse],
@@ -129,13 +132,16 @@ class DatapathView:
         }
 
 
-def group_json(frontend: Frontend, p: Published, stats: dict[int, TierStats]) -> dict[str, Any]:
+def group_json(frontend: Frontend, p: Published, stats: dict[int, TierStats],
+               cached: bool | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "frontend": str(frontend),
         "sid": p.sid,
         "active_set": p.set,
         "generation": p.generation,
     }
+    if cached is not None:
+        out["cached"] = cached
     if p.backends is None:
         out["error"] = "the active set is incomplete (a count points at a missing slot)"
     else:
@@ -220,6 +226,24 @@ def read_translated(items: Iterable[tuple[bytes, bytes]]) -> list[ReverseView]:
     return sorted(out, key=lambda r: (r.socket_cookie, r.endpoint))
 
 
+def read_cached(items: Iterable[tuple[bytes, bytes]], lines: int,
+                groups: dict[Frontend, Published]) -> set[Frontend]:
+    """The frontends of ``groups`` with a kmesh_frontend_cache line the program would use for
+    them: in their pair, whole, and naming the sid the group has."""
+    out = set()
+    for k, v in items:
+        line = records.read_frontend_line(v)
+        if line is None:
+            continue
+        frontend = Frontend.unpack(line[0])
+        p = groups.get(frontend)
+        first = records.U32.unpack(k)[0] & (lines - records.FRONTEND_WAYS)
+        if p is not None and p.sid == line[1] and frontend.pack() == line[0] and \
+                records.frontend_pair(line[0], lines) == first:
+            out.add(frontend)
+    return out
+
+
 def read_affinity(items: Iterable[tuple[bytes, bytes]]) -> list[AffinityView]:
     out = []
     for k, v in items:
@@ -239,10 +263,13 @@ def read(dp: Datapath) -> DatapathView:
     reverse = read_reverse(dp[records.MAP_REVERSE].lookup_batch())
     translated = read_translated(dp[records.MAP_TRANSLATED].lookup_batch())
     affinity = dp[records.MAP_AFFINITY].lookup_batch()
+    cache = dp[records.MAP_FRONTEND_CACHE]
+    cached = read_cached(cache.lookup_batch(), cache.max_entries, groups)
     read_at = time.monotonic_ns()  # after the reads: a last use is never in its future
     entries, capacity = map_fill(dp, groups, {records.MAP_REVERSE: len(reverse),
                                               records.MAP_TRANSLATED: len(translated),
-                                              records.MAP_AFFINITY: len(affinity)})
+                                              records.MAP_AFFINITY: len(affinity),
+                                              records.MAP_FRONTEND_CACHE: len(cached)})
     return DatapathView(
         pin_dir=dp.pins.root,
         groups=groups,
@@ -256,6 +283,7 @@ def read(dp: Datapath) -> DatapathView:
         reverse=translated + reverse,
         affinity=read_affinity(affinity),
         read_at=read_at,
+        cached=cached,
     )
 
 

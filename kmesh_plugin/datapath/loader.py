@@ -109,6 +109,9 @@ def map_specs(capacities: Capacities) -> dict[str, MapSpec]:
         records.MAP_FRONTENDS: MapSpec(
             syscall.BPF_MAP_TYPE_HASH, records.FRONTEND_KEY.size, records.FRONTEND.size, svc
         ),
+        records.MAP_FRONTEND_CACHE: MapSpec(
+            syscall.BPF_MAP_TYPE_ARRAY, 4, records.FRONTEND_LINE.size, capacities.frontend_lines
+        ),
         records.MAP_VIPS: MapSpec(syscall.BPF_MAP_TYPE_HASH, records.VIP.size, 1, svc),
         records.MAP_ACTIVE: MapSpec(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, svc),
         records.MAP_RECORDS: MapSpec(

@@ -19,7 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 6  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 7  # KMESH_LAYOUT_VERSION
 INLINE_SLOTS = 4  # KMESH_INLINE_SLOTS: slots of the picked tier a record carries
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
@@ -32,10 +32,14 @@ MAX_PODS = 8192  # KMESH_MAX_PODS
 MAX_REVERSE = 65536  # KMESH_MAX_REVERSE
 MAX_AFFINITY = 65536  # KMESH_MAX_AFFINITY
 MAX_TRANSLATED = 65536  # KMESH_MAX_TRANSLATED (a power of two)
+FRONTEND_SEED = 0x9E3779B97F4A7C15  # KMESH_FRONTEND_SEED
+FRONTEND_WAYS = 2  # KMESH_FRONTEND_WAYS: the lines of a pair, either of which may cache one
+FRONTEND_LINES_PER_SERVICE = 4  # kmesh_frontend_cache lines per service group, rounded up
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: Kubernetes' sessionAffinityConfig default
 
 # Pinned object names (the program and map names in bpf/kmesh_lb.c).
 MAP_FRONTENDS = "kmesh_frontends"
+MAP_FRONTEND_CACHE = "kmesh_frontend_cache"
 MAP_VIPS = "kmesh_vips"
 MAP_ACTIVE = "kmesh_active"
 MAP_RECORDS = "kmesh_records"
@@ -163,6 +167,11 @@ FRONTEND_KEY = Layout(
      Field("pad", "B")],
 )
 FRONTEND = Layout("kmesh_frontend", [Field("sid", "I")])
+FRONTEND_LINE = Layout(
+    "kmesh_frontend_line",
+    [Field("frontend", f"{FRONTEND_KEY.size}s", struct="kmesh_frontend_key"), Field("sid", "I"),
+     Field("check", "Q")],
+)
 VIP = Layout("kmesh_vip", [Field("addr", "16s")])
 ENDPOINT = Layout(
     "kmesh_endpoint",
@@ -210,8 +219,8 @@ AFFINITY = Layout(
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")  # kmesh_enrolled's key: a netns cookie
 
-ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS, CONFIG, ENROLMENT,
-               REVERSE_KEY, REVERSE, TRANSLATION, AFFINITY_KEY, AFFINITY)
+ALL_LAYOUTS = (FRONTEND_KEY, FRONTEND, FRONTEND_LINE, VIP, RECORD, SLOT_KEY, ENDPOINT, STATS,
+               CONFIG, ENROLMENT, REVERSE_KEY, REVERSE, TRANSLATION, AFFINITY_KEY, AFFINITY)
 
 
 _U64 = (1 << 64) - 1
@@ -243,6 +252,39 @@ def translation_slot(socket_cookie: int) -> int:
 def translation_check(socket_cookie: int, endpoint: bytes, frontend: bytes) -> int:
     """kmesh_check: what a whole kmesh_translation entry carries in ``check`` (never 0)."""
     return _fold(_fold(_mix(socket_cookie), endpoint), frontend) | 1
+
+
+def frontend_lines(max_services: int) -> int:
+    """KMESH_FRONTEND_LINES for a capacity: FRONTEND_LINES_PER_SERVICE lines per group, rounded
+    up to a power of two (a pair is a hash masked with it). Mostly empty, so that a third
+    frontend on a pair is rare: at 10,000 groups of 16,384 (65,536 lines) about 98.6% of them
+    are cached, at 16,384 about 97%."""
+    return 1 << (FRONTEND_LINES_PER_SERVICE * max(1, max_services) - 1).bit_length()
+
+
+def frontend_hash(frontend: bytes) -> int:
+    """kmesh_fold(KMESH_FRONTEND_SEED, key) over a packed frontend key."""
+    return _fold(FRONTEND_SEED, frontend)
+
+
+def frontend_pair(frontend: bytes, lines: int) -> int:
+    """The first kmesh_frontend_cache line of the pair a packed frontend key may sit in (the
+    other is the next one), in a cache of ``lines``."""
+    return frontend_hash(frontend) & (lines - FRONTEND_WAYS)
+
+
+def frontend_line(frontend: bytes, sid: int) -> bytes:
+    """The kmesh_frontend_line that caches ``frontend`` (packed) -> ``sid``."""
+    return FRONTEND_LINE.pack_fields(frontend, sid, _mix(frontend_hash(frontend) ^ sid) | 1)
+
+
+def read_frontend_line(raw: bytes) -> tuple[bytes, int] | None:
+    """(packed frontend key, sid) of a line the program would use; None for an empty or
+    inconsistent one."""
+    line = FRONTEND_LINE.unpack(raw)
+    if raw[:FRONTEND_LINE.size] != frontend_line(line["frontend"], line["sid"]):
+        return None  # the check is 0 (empty) or does not cover these fields
+    return line["frontend"], line["sid"]
 
 
 def parse_ip(text: str) -> IPAddress:

@@ -5,11 +5,19 @@ program reads. One publish *step*, for any number of groups:
 
 1. write each group's complete new set (slots, then record) into its *inactive* set;
 2. flip ``kmesh_active`` for updated groups; insert frontends of new groups (after their data);
-   delete frontends of removed groups; then make kmesh_vips follow the frontends.
+   give kmesh_frontend_cache lines to new frontends and take them from removed ones; delete
+   frontends of removed groups; then make kmesh_vips follow the frontends.
 3. the sets switched away from are *retired*: after an RCU grace period (``GracePeriods``, in a
    background thread) no connect() can still be reading them, and they are deleted. A set is
    never rewritten before its grace period has passed, and a removed group's sid is given to
    another frontend only once its sets are reclaimed.
+
+kmesh_frontend_cache is a copy of kmesh_frontends that the program reads first (see
+bpf/kmesh_lb.h): a line names a frontend only while kmesh_frontends holds it, with its sid, so
+a frontend is cached after its insert and uncached before its delete. A pair of lines caches
+the first two frontends that come to it; a third waits (the hash finds it) and takes the line
+the first to go leaves. ``recover`` (and any re-read after a failure) rewrites every line from
+kmesh_frontends, which stays the truth.
 
 So a connect() reads one consistent set from start to end: never a count that points at a
 missing slot, never a half-written tier, and a recompute of a group switches at once. A
@@ -183,6 +191,15 @@ class _Retired:
     frees_sid: bool  # the group was removed: its sid returns to the pool once reclaimed
 
 
+@dataclass
+class _Pair:
+    """A kmesh_frontend_cache pair: the frontend each line holds, and those waiting for one
+    (found by the hash meanwhile), in order of arrival."""
+
+    ways: list[Frontend | None] = field(default_factory=lambda: [None] * records.FRONTEND_WAYS)
+    waiting: list[Frontend] = field(default_factory=list)
+
+
 _Plan = list[tuple[Frontend, int, int, int, BackendSet]]  # frontend, sid, set, generation, set
 
 
@@ -209,6 +226,9 @@ class MapWriter:
         self._ip_refs: Counter[records.IPAddress] = Counter()  # ClusterIP -> frontends
         self._active_slots = 0
         self._retired_slots = 0
+        self._lines = dp[records.MAP_FRONTEND_CACHE].max_entries
+        self._pairs: dict[int, _Pair] = {}  # kmesh_frontend_cache pair -> who is on it
+        self._cached = 0  # lines that hold a frontend
 
     def close(self) -> None:
         self.grace.close()
@@ -243,6 +263,8 @@ class MapWriter:
     def _resync(self) -> None:
         """Rebuild the books from what the kernel holds (see the module docstring)."""
         table, slot_keys, dead = _scan(self.dp)
+        # Before the dead frontends go: no line may name a frontend kmesh_frontends lacks.
+        self._rewrite_cache(table)
         if dead:
             # They route nothing (the program finds no set of theirs); left in place they
             # would make the writer share a sid with another group.
@@ -503,6 +525,9 @@ class MapWriter:
                 (frontend.pack(), records.FRONTEND.pack({"sid": sid}))
                 for frontend, sid, _, _, _ in plan if frontend in adds
             ], stats)
+            # Between the inserts and the deletes: a line names only what kmesh_frontends has.
+            self._update(records.MAP_FRONTEND_CACHE, self._cache_changes(
+                [(f, sid) for f, sid, _, _, _ in plan if f in adds], removes), stats)
             if removes:
                 self._delete_keys(records.MAP_FRONTENDS, [f.pack() for f in removes])
                 stats.syscalls += 1
@@ -594,6 +619,64 @@ class MapWriter:
             self.collect()
         return not self._retired
 
+    # -- kmesh_frontend_cache ----------------------------------------------------------------
+
+    def _pair_of(self, frontend: Frontend) -> int:
+        return records.frontend_pair(frontend.pack(), self._lines)
+
+    def _cache_changes(self, adds: list[tuple[Frontend, int]],
+                       removes: list[Frontend]) -> list[tuple[bytes, bytes]]:
+        """Book the frontends ``adds`` (with their sids) and ``removes`` onto their pairs;
+        return the line writes that follow (a removed frontend's line goes to the first one
+        waiting on the pair, or is cleared). Removals first, so that an add takes a line freed
+        in the same step."""
+        writes: dict[int, bytes] = {}
+        for frontend in removes:
+            first = self._pair_of(frontend)
+            pair = self._pairs.get(first)
+            if pair is None:
+                continue
+            if frontend in pair.waiting:
+                pair.waiting.remove(frontend)
+            elif frontend in pair.ways:
+                way = pair.ways.index(frontend)
+                if pair.waiting:
+                    heir = pair.waiting.pop(0)
+                    pair.ways[way] = heir
+                    writes[first + way] = records.frontend_line(heir.pack(),
+                                                                self.published[heir].sid)
+                else:
+                    pair.ways[way] = None
+                    writes[first + way] = bytes(records.FRONTEND_LINE.size)
+                    self._cached -= 1
+            if not pair.waiting and pair.ways == [None] * records.FRONTEND_WAYS:
+                del self._pairs[first]
+        for frontend, sid in adds:
+            first = self._pair_of(frontend)
+            pair = self._pairs.setdefault(first, _Pair())
+            if None in pair.ways:
+                way = pair.ways.index(None)
+                pair.ways[way] = frontend
+                writes[first + way] = records.frontend_line(frontend.pack(), sid)
+                self._cached += 1
+            else:
+                pair.waiting.append(frontend)
+        return [(records.U32.pack(line), value) for line, value in writes.items()]
+
+    def _rewrite_cache(self, table: Mapping[Frontend, Published]) -> None:
+        """Make every kmesh_frontend_cache line what ``table`` (read from kmesh_frontends)
+        gives it, and rebuild the books: whatever a crash, a failed write or a foreign
+        writer left there."""
+        self._pairs, self._cached = {}, 0
+        ordered = sorted(table.items(), key=lambda item: item[1].sid)
+        want = dict(self._cache_changes([(f, p.sid) for f, p in ordered], []))
+        empty = bytes(records.FRONTEND_LINE.size)
+        fixes = [(key, want.get(key, empty))
+                 for key, value in self.dp[records.MAP_FRONTEND_CACHE].lookup_batch()
+                 if value != want.get(key, empty)]
+        if fixes:
+            self.dp[records.MAP_FRONTEND_CACHE].update_batch(fixes)
+
     # -- helpers ----------------------------------------------------------------------------
 
     def slots_in_use(self) -> int:
@@ -611,6 +694,7 @@ class MapWriter:
         groups = len(self.published)
         return {
             records.MAP_FRONTENDS: groups,
+            records.MAP_FRONTEND_CACHE: self._cached,
             records.MAP_VIPS: len(self.vips),
             records.MAP_ACTIVE: groups,
             records.MAP_RECORDS: groups * records.SETS,

@@ -69,17 +69,19 @@ def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
                          f"(id {link.prog_id}, tag {link.prog_tag}), cgroup id {link.cgroup_id}")
     lines.append("maps:")
     for name in sorted(view.capacity):
-        lines.append(f"  {name:<16} {view.entries[name]:>8} / {view.capacity[name]}")
+        lines.append(f"  {name:<20} {view.entries[name]:>8} / {view.capacity[name]}")
     lines.append(f"frontends ({len(view.groups)}):")
     for frontend, p in sorted(view.groups.items(), key=lambda i: i[1].sid):
-        g = inspect.group_json(frontend, p, view.stats.get(p.sid, {}))
+        g = inspect.group_json(frontend, p, view.stats.get(p.sid, {}), frontend in view.cached)
         if "error" in g:
             lines.append(f"  {g['frontend']}  sid {p.sid}: {g['error']}")
             continue
         affinity = (f", session affinity {g['affinity_timeout']} s" if g["affinity_timeout"]
                     else "")
+        # A frontend that shares its cache line with another costs a hash lookup per connect.
+        slow = "" if g["cached"] else ", found by hash (its cache line holds another frontend)"
         lines.append(f"  {g['frontend']}  sid {p.sid}, set {p.set}, generation {p.generation}, "
-                     f"{g['mode']}{affinity}")
+                     f"{g['mode']}{affinity}{slow}")
         for tier, members in enumerate(g["tiers"]):
             if members:
                 lines.append(f"    tier {tier}: {', '.join(members)}")

@@ -26,18 +26,28 @@ settings.register_profile("fuzz", max_examples=10_000, deadline=None, database=N
                                                  HealthCheck.function_scoped_fixture])
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 CAPS = Capacities(8, 64)
+ARRAYS = (records.MAP_ACTIVE, records.MAP_RECORDS, records.MAP_STATS, records.MAP_CONFIG,
+          records.MAP_TRANSLATED, records.MAP_FRONTEND_CACHE)
 
 
 def entries(name: str) -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
     spec = loader.map_specs(CAPS)[name]
-    if name in (records.MAP_ACTIVE, records.MAP_RECORDS, records.MAP_STATS,
-                records.MAP_CONFIG):  # arrays
+    if name in ARRAYS:
         keys = st.integers(0, spec.max_entries - 1).map(records.U32.pack)
     else:
         keys = st.binary(min_size=spec.key_size, max_size=spec.key_size)
     size = spec.value_size
     if name == records.MAP_STATS:
         return st.just([])  # per-CPU: its values only ever add up; covered by the codecs
+    if name == records.MAP_FRONTEND_CACHE:
+        # Also whole lines (their check right) for any key and sid: a foreign writer's.
+        whole = st.builds(records.frontend_line,
+                          st.binary(min_size=records.FRONTEND_KEY.size,
+                                    max_size=records.FRONTEND_KEY.size),
+                          st.integers(0, 2**32 - 1))
+        return st.lists(st.tuples(keys, st.one_of(whole, st.binary(min_size=size,
+                                                                   max_size=size))),
+                        max_size=6)
     return st.lists(st.tuples(keys, st.binary(min_size=size, max_size=size)), max_size=6)
 
 
@@ -70,8 +80,7 @@ def test_garbage_in_the_maps_is_read_without_a_traceback(
 ) -> None:
     for name, items in garbage.items():
         m = datapath[name]
-        if name not in (records.MAP_ACTIVE, records.MAP_RECORDS, records.MAP_STATS,
-                        records.MAP_CONFIG, records.MAP_TRANSLATED):
+        if name not in ARRAYS:
             for key in list(m.keys()):  # hashes start empty; arrays are overwritten
                 m.delete(key)
         for key, value in items:
@@ -86,6 +95,17 @@ def test_garbage_in_the_maps_is_read_without_a_traceback(
     writer = MapWriter(datapath)
     try:
         assert writer.recover() == len(table)
+        # Every cache line a connect would use names what kmesh_frontends holds, at its line.
+        cache = datapath[records.MAP_FRONTEND_CACHE]
+        for key, value in cache.lookup_batch():
+            line = records.read_frontend_line(value)
+            if line is None:
+                assert value == bytes(len(value))
+                continue
+            frontend = records.Frontend.unpack(line[0])
+            assert frontend.pack() == line[0] and table[frontend].sid == line[1]
+            assert records.frontend_pair(line[0], cache.max_entries) == \
+                records.U32.unpack(key)[0] & ~1
         # ... and can take every one of them away again: nothing it adopted is unwritable.
         stats = writer.sync({})
         assert stats.removed == len(table) and not stats.left_out
@@ -94,5 +114,6 @@ def test_garbage_in_the_maps_is_read_without_a_traceback(
         assert list(datapath[records.MAP_FRONTENDS].keys()) == []
         assert list(datapath[records.MAP_SLOTS].keys()) == []
         assert list(datapath[records.MAP_VIPS].keys()) == []
+        assert all(v == bytes(len(v)) for _, v in cache.lookup_batch())
     finally:
         writer.close()

@@ -5,6 +5,9 @@ at once, while a connect() that looked it up may still be reading it. These test
 elements under running connects and count the answers that came from another Service. The
 datapath is built with KMESH_TEST_RACE_WINDOW (bpf/kmesh_lb.c): the program spins between the
 lookup and reading the element, so the race happens in every run instead of once in a million.
+
+kmesh_frontend_cache is read first, with the same window between the two halves of a line's
+copy: the second test rewrites a line under running connects.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datapath_bed import Bed, answered, ip, tiers
 
 from kmesh_plugin.datapath import records
 from kmesh_plugin.datapath.records import MODE_RANDOM, Frontend
+from kmesh_plugin.datapath.writer import read_table
 
 pytestmark = pytest.mark.kernel
 
@@ -50,6 +54,11 @@ def test_a_recycled_frontend_element_never_routes_to_another_service(bed: Bed) -
     value_a, value_b = frontends.lookup(key_a), frontends.lookup(key_b)
     assert value_a is not None and value_b is not None
     frontends.delete(key_b)  # B's group stays complete in the maps; only its entry toggles
+    # Connects must take the hash: empty the pair of A's cache line.
+    cache = bed.dp[records.MAP_FRONTEND_CACHE]
+    first = records.U32.unpack(cache_line(bed, FRONT_A))[0]
+    for line in range(first, first + records.FRONTEND_WAYS):
+        cache.update(records.U32.pack(line), bytes(records.FRONTEND_LINE.size))
 
     stop = threading.Event()
     swaps = 0
@@ -85,3 +94,53 @@ def test_a_recycled_frontend_element_never_routes_to_another_service(bed: Bed) -
     # The others met A's frontend while it was away: refused (its ClusterIP is known) or,
     # if they caught the element mid-recycle, treated as no frontend at all; never B.
     assert set(errors) <= {"ECONNREFUSED", "ENETUNREACH"}, errors
+
+
+def cache_line(bed: Bed, frontend: Frontend) -> bytes:
+    """The line the writer gave ``frontend`` (the first of its pair, when it came first)."""
+    lines = bed.dp[records.MAP_FRONTEND_CACHE].max_entries
+    return records.U32.pack(records.frontend_pair(frontend.pack(), lines))
+
+
+def test_a_cache_line_rewritten_under_a_connect_never_routes_to_another_service(
+        bed: Bed) -> None:
+    """A line written from user space is a plain copy: a connect may read half of A's line
+    and half of B's. Such a mixture (A's key, B's sid) must fail the check and be looked up
+    in kmesh_frontends, not refused (and never sent to B, which the record check ensures)."""
+    a = bed.server("service-a", "198.18.0.1", 8080)
+    b = bed.server("service-b", "198.18.0.2", 8080)
+    bed.publish({FRONT_A: tiers([a], mode=MODE_RANDOM), FRONT_B: tiers([b], mode=MODE_RANDOM)})
+    table = {f: p.sid for f, p in read_table(bed.dp).items()}
+    cache = bed.dp[records.MAP_FRONTEND_CACHE]
+    where = cache_line(bed, FRONT_A)
+    line_a = records.frontend_line(FRONT_A.pack(), table[FRONT_A])
+    line_b = records.frontend_line(FRONT_B.pack(), table[FRONT_B])
+    # B's line in A's place mixes with A's into A's key (the first 16 bytes, which differ)
+    # and B's port, protocol, sid and check.
+    assert line_a[16:20] == line_b[16:20] and line_a[20:] != line_b[20:]
+    assert cache.lookup(where) == line_a
+
+    stop = threading.Event()
+    writes = 0
+
+    def churn() -> None:
+        nonlocal writes
+        while not stop.is_set():
+            cache.update(where, line_b)
+            cache.update(where, line_a)
+            writes += 2
+
+    client = bed.client()
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        results = client.get(f"http://{VIP_A}:80/hello", count=2000, timeout=2.0)
+    finally:
+        stop.set()
+        writer.join()
+    counts = collections.Counter(answered(results))
+    errors = collections.Counter(r["errno"] for r in results if not r["ok"])
+    print(f"{len(results)} connects to {VIP_A} against {writes} line writes: {dict(counts)}, "
+          f"errors {dict(errors)}")
+    assert writes > len(results)  # the line changed under the connects
+    assert counts == {"service-a": len(results)}, (counts, errors)

@@ -63,7 +63,8 @@ def links(broken: str | None = None) -> list[LinkView]:
 
 def view(groups: dict[Frontend, Published] | None = None,
          affinity: list[AffinityView] | None = None,
-         reverse: list[ReverseView] | None = None, broken: str | None = None) -> DatapathView:
+         reverse: list[ReverseView] | None = None, broken: str | None = None,
+         cached: set[Frontend] | None = None) -> DatapathView:
     groups = {} if groups is None else groups
     names = list(loader.map_specs(Capacities(8, 64)))
     entries = dict.fromkeys(names, 0)
@@ -73,7 +74,8 @@ def view(groups: dict[Frontend, Published] | None = None,
     capacity[records.MAP_AFFINITY] = records.MAX_AFFINITY
     capacity[records.MAP_REVERSE] = records.MAX_REVERSE
     return DatapathView(Path("/sys/fs/bpf/kmesh"), groups, [FE.ip], {}, entries, capacity,
-                        links(broken), "all", [], reverse or [], affinity or [], NOW)
+                        links(broken), "all", [], reverse or [], affinity or [], NOW,
+                        set(groups) if cached is None else cached)
 
 
 def sticky(*tiers: tuple[str, ...], mode: int = MODE_FAILOVER,
@@ -230,6 +232,36 @@ def test_read_shows_only_whole_translations(monkeypatch: pytest.MonkeyPatch) -> 
     assert v.capacity[records.MAP_TRANSLATED] == records.MAX_TRANSLATED
 
 
+def cache_line(frontend: Frontend, sid: int, way: int = 0,
+               lines: int = FakeDatapath.capacities.frontend_lines) -> tuple[bytes, bytes]:
+    line = records.frontend_pair(frontend.pack(), lines) + way
+    return records.U32.pack(line), records.frontend_line(frontend.pack(), sid)
+
+
+def test_read_counts_only_the_cache_lines_a_connect_would_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    groups = {FE: sticky((EP1,), (EP2,)),
+              OTHER: Published(1, 0, 1, BackendSet(MODE_RANDOM, ((b(EP1, 53),),)))}
+    good = cache_line(FE, groups[FE].sid, way=1)
+    wrong_sid = cache_line(OTHER, 7)  # whole, but not the sid OTHER has
+    key, value = cache_line(OTHER, 1, way=1)
+    torn = bytearray(value)
+    torn[0] ^= 1  # the check no longer covers the fields
+    lines = FakeDatapath.capacities.frontend_lines
+    elsewhere = ((records.frontend_pair(OTHER.pack(), lines) + 2) % lines, value)  # not its pair
+    dp = fake_datapath([], [])
+    dp.maps[records.MAP_FRONTEND_CACHE].items = [
+        good, wrong_sid, (key, bytes(torn)), (records.U32.pack(elsewhere[0]), elsewhere[1])]
+    monkeypatch.setattr(inspect, "read_table", lambda dp: groups)
+    monkeypatch.setattr(inspect, "read_links", lambda pin_dir: links())
+    v = inspect.read(dp)  # type: ignore[arg-type]
+    assert v.cached == {FE}
+    assert v.entries[records.MAP_FRONTEND_CACHE] == 1
+    text = status.render_dump(v, [])
+    assert f"{OTHER}  sid 1, set 0, generation 1, random, found by hash" in text
+    assert [g["cached"] for g in v.to_json()["frontends"]] == [True, False]
+
+
 def affinity_entry(cookie: int, frontend: Frontend, endpoint: Backend, tier: int, index: int,
                    last_used: int) -> tuple[bytes, bytes]:
     return (records.AFFINITY_KEY.pack({"netns_cookie": cookie, "frontend": frontend.pack()}),
@@ -288,8 +320,8 @@ def test_dump_shows_every_link_the_reverse_and_the_affinity_entries() -> None:
     # Whatever the datapath attaches now (connect, sendmsg, recvmsg, getpeername, ...).
     assert {records.PROG_CONNECT4, records.PROG_SENDMSG6, records.PROG_RECVMSG4,
             records.PROG_GETPEERNAME6} <= set(loader.PROGRAMS)
-    assert f"  {records.MAP_AFFINITY:<16}        3 / 65536" in text
-    assert f"  {records.MAP_REVERSE:<16}        1 / 65536" in text
+    assert f"  {records.MAP_AFFINITY:<20}        3 / 65536" in text
+    assert f"  {records.MAP_REVERSE:<20}        1 / 65536" in text
     assert "198.18.0.10:5000/TCP  sid 0, set 1, generation 3, failover, session affinity 60 s" \
         in text
     assert "198.18.0.10:53/UDP  sid 1, set 0, generation 1, random\n" in text
