@@ -30,7 +30,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # map_specs): frontends, vips, active and stats hold max_services entries, records
 # max_services * 2 (two sets per group), slots max_endpoints. The bounds keep every one of
 # them non-zero and far inside u32, and the memory sane: at the bound the per-CPU stats map
-# costs 72 MiB per possible CPU and the slot hash preallocates 16 Mi entries (about 1 GiB).
+# costs 72 MiB per possible CPU, the frontend cache holds 4 Mi lines (128 MiB) and the slot
+# hash preallocates 16 Mi entries (about 1 GiB).
 # A cluster of 10,000 Services (Kubernetes' tested limit) needs well under both.
 MAX_SERVICES = 1 << 20
 MAX_ENDPOINTS = 1 << 24
