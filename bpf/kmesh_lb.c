@@ -296,14 +296,48 @@ static __always_inline __u64 kmesh_mix(__u64 x)
 	return x;
 }
 
-/* Five 4-byte words (a struct kmesh_endpoint or kmesh_frontend_key) folded into h. */
-static __always_inline __u64 kmesh_fold(__u64 h, const void *what)
+/* One term of NH (the hash of UMAC): two 4-byte words, each offset by a key word, multiplied
+ * into 64 bits. A sum of such terms is a universal hash (two inputs collide with odds of about
+ * 2^-32), and the terms of one sum are independent of each other, so the CPU computes them side
+ * by side: a chain of finalisers, each waiting on the last, was the largest part of what the
+ * program cost above an empty one. kmesh_frontend_hash and kmesh_check end in one kmesh_mix,
+ * which spreads the sum over every bit (the cache's pairs are its low and high bits). */
+static __always_inline __u64 kmesh_nh(__u32 a, __u32 b, __u32 ka, __u32 kb)
 {
-	const __u32 *w = what;
+	return (__u64)(__u32)(a + ka) * (__u32)(b + kb);
+}
 
-	h = kmesh_mix(h ^ ((__u64)w[0] | (__u64)w[1] << 32));
-	h = kmesh_mix(h ^ ((__u64)w[2] | (__u64)w[3] << 32));
-	return kmesh_mix(h ^ w[4]);
+/* The NH key words (from the hexadecimal digits of pi): constants named once, because the
+ * Python side computes the same hashes (records.py). */
+#define KMESH_NH_0 0x243f6a88U
+#define KMESH_NH_1 0x85a308d3U
+#define KMESH_NH_2 0x13198a2eU
+#define KMESH_NH_3 0x03707344U
+#define KMESH_NH_4 0xa4093822U
+#define KMESH_NH_5 0x299f31d0U
+#define KMESH_NH_6 0x082efa98U
+#define KMESH_NH_7 0xec4e6c89U
+#define KMESH_NH_8 0x452821e6U
+#define KMESH_NH_9 0x38d01377U
+#define KMESH_NH_10 0xbe5466cfU
+#define KMESH_NH_11 0x34e90c6cU
+
+/* A frontend key's hash (its five words, padding included, and a sixth of 0): the lines of
+ * kmesh_frontend_cache it may sit in, and what their check is made of. */
+static __always_inline __u64 kmesh_frontend_hash(const struct kmesh_frontend_key *key)
+{
+	const __u32 *w = (const __u32 *)key;
+
+	return kmesh_mix(KMESH_FRONTEND_SEED ^ (kmesh_nh(w[0], w[1], KMESH_NH_0, KMESH_NH_1) +
+						kmesh_nh(w[2], w[3], KMESH_NH_2, KMESH_NH_3) +
+						kmesh_nh(w[4], 0, KMESH_NH_4, KMESH_NH_5)));
+}
+
+/* A kmesh_frontend_cache line's check: the key's hash with the sid in its upper half, so that
+ * a line whose key and sid come from two writes fails it; bit 0 set, so that 0 stays "empty". */
+static __always_inline __u64 kmesh_line_check(__u64 hash, __u32 sid)
+{
+	return (hash ^ (__u64)sid << 32) | 1;
 }
 
 /* The sid one kmesh_frontend_cache line holds for key, if the line is whole and names key (see
@@ -328,21 +362,25 @@ static __always_inline int kmesh_line_sid(__u32 index, const struct kmesh_fronte
 	seen.words[2] = READ_ONCE_U64(words[2]);
 	seen.words[3] = READ_ONCE_U64(words[3]);
 	if (!seen.line.check || !kmesh_same_frontend(&seen.line.frontend, key) ||
-	    seen.line.check != (kmesh_mix(hash ^ seen.line.sid) | 1))
+	    seen.line.check != kmesh_line_check(hash, seen.line.sid))
 		return 0;
 	*sid = seen.line.sid;
 	return 1;
 }
 
-/* The sid kmesh_frontend_cache holds for key, from either line of its pair; 0 on a miss, which
- * kmesh_frontends answers. */
+/* The sid kmesh_frontend_cache holds for key, from any line of its two pairs (the first pair
+ * from the hash's low bits, the second from its high bits); 0 on a miss, which
+ * kmesh_frontends answers. Most frontends sit in their first pair, so the second is read on a
+ * miss only. */
 static __always_inline int kmesh_cached_sid(const struct kmesh_frontend_key *key, __u32 *sid)
 {
-	__u64 hash = kmesh_fold(KMESH_FRONTEND_SEED, key);
-	__u32 pair = (__u32)hash & (KMESH_FRONTEND_LINES - KMESH_FRONTEND_WAYS);
+	__u64 hash = kmesh_frontend_hash(key);
+	__u32 first = (__u32)hash & (KMESH_FRONTEND_LINES - KMESH_FRONTEND_WAYS);
+	__u32 second = (__u32)(hash >> 32) & (KMESH_FRONTEND_LINES - KMESH_FRONTEND_WAYS);
 
-	_Static_assert(KMESH_FRONTEND_WAYS == 2, "the pair's lines are tried one by one");
-	return kmesh_line_sid(pair, key, hash, sid) || kmesh_line_sid(pair + 1, key, hash, sid);
+	_Static_assert(KMESH_FRONTEND_WAYS == 2, "the lines of a pair are tried one by one");
+	return kmesh_line_sid(first, key, hash, sid) || kmesh_line_sid(first + 1, key, hash, sid) ||
+	       kmesh_line_sid(second, key, hash, sid) || kmesh_line_sid(second + 1, key, hash, sid);
 }
 
 /* chance: a uniform random number, which picks the slot of a new choice. */
@@ -410,7 +448,8 @@ static __always_inline int kmesh_pick(void *ctx, const struct kmesh_frontend_key
 			goto picked;
 	}
 
-	slot.index = chance % count;
+	/* chance scaled to [0, count): a multiply instead of a division (bias under 2^-16). */
+	slot.index = ((__u64)chance * count) >> 32;
 	if (tier == record->inline_tier && slot.index < KMESH_INLINE_SLOTS) {
 		/* The mask is a no-op the verifier needs to prove the index in bounds. */
 		endpoint = &record->inline_slots[slot.index & (KMESH_INLINE_SLOTS - 1)];
@@ -518,12 +557,25 @@ static __always_inline __u32 kmesh_slot_of(__u64 socket_cookie)
 	return (__u32)socket_cookie & (KMESH_MAX_TRANSLATED - 1);
 }
 
-/* struct kmesh_translation's check over its fields; never 0, which marks an empty slot. */
+/* struct kmesh_translation's check over its fields: the NH sum of the cookie's two halves, the
+ * endpoint and the frontend (twelve words, six independent terms), mixed; never 0, which marks
+ * an empty slot. */
 static __always_inline __u64 kmesh_check(__u64 socket_cookie,
 					 const struct kmesh_endpoint *endpoint,
 					 const struct kmesh_frontend_key *frontend)
 {
-	return kmesh_fold(kmesh_fold(kmesh_mix(socket_cookie), endpoint), frontend) | 1;
+	const __u32 *e = (const __u32 *)endpoint;
+	const __u32 *f = (const __u32 *)frontend;
+	__u64 sum;
+
+	sum = kmesh_nh((__u32)socket_cookie, (__u32)(socket_cookie >> 32), KMESH_NH_0,
+		       KMESH_NH_1) +
+	      kmesh_nh(e[0], e[1], KMESH_NH_2, KMESH_NH_3) +
+	      kmesh_nh(e[2], e[3], KMESH_NH_4, KMESH_NH_5) +
+	      kmesh_nh(e[4], f[0], KMESH_NH_6, KMESH_NH_7) +
+	      kmesh_nh(f[1], f[2], KMESH_NH_8, KMESH_NH_9) +
+	      kmesh_nh(f[3], f[4], KMESH_NH_10, KMESH_NH_11);
+	return kmesh_mix(sum) | 1;
 }
 
 /* connect() translated: note (socket, endpoint) -> frontend in kmesh_translated, without a

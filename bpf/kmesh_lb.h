@@ -33,7 +33,7 @@
 
 /* The version of the map layouts below. The loader records it beside the pinned maps and
  * refuses to reuse maps of another version (a changed struct would be misread). */
-#define KMESH_LAYOUT_VERSION 7
+#define KMESH_LAYOUT_VERSION 8
 
 /* How the core filled a set's tiers. The kernel treats FAILOVER and RANDOM alike (the first
  * non-empty tier wins; RANDOM puts everything in tier 0); STRICT never looks past tier 0. */
@@ -89,23 +89,25 @@ struct kmesh_frontend {
 	__u32 sid;
 };
 
-/* kmesh_frontend_cache[line] (ARRAY): a two-way copy of kmesh_frontends, consulted first. A
- * hash lookup costs jhash over 20 bytes, a bucket walk and a compare: about 50 ns, a third of
- * what the whole program may cost; an array lookup is inlined by the verifier. A frontend may
- * sit in either line of its pair, lines p and p + 1 (one 64-byte cache line), p = kmesh_fold(
- * KMESH_FRONTEND_SEED, key) masked to the cache with its lowest bit cleared; check =
- * kmesh_mix(that hash ^ sid) | 1, 0 for an empty line. Only the core writes it (a frontend's
- * line after its kmesh_frontends insert, cleared or handed to another frontend before its
- * delete), so every line names a frontend kmesh_frontends holds with the sid it holds;
- * kmesh_frontends stays the truth. A third frontend on a pair is found in the hash until a
- * line of the pair is free. A write from user space is a plain copy, so a program may read a
- * line half written: check covers the key and the sid, and a mixture fails it (odds about
- * 2^-63) and reads as a miss. A wrong sid would be caught anyway by the record's frontend
+/* kmesh_frontend_cache[line] (ARRAY): a copy of kmesh_frontends, consulted first. A hash
+ * lookup costs jhash over 20 bytes, a bucket walk and a compare: about 50 ns, a third of what
+ * the whole program may cost; an array lookup is inlined by the verifier. A frontend may sit in
+ * any line of two pairs (a pair is lines p and p + 1, one 64-byte cache line): p is the low
+ * half of h = kmesh_frontend_hash(key) masked to the cache with its lowest bit cleared, the
+ * second pair's p the high half so masked. The program reads the first pair, and the second on
+ * a miss. check = (h ^ sid << 32) | 1, 0 for an empty line. Only the core writes it (a
+ * frontend's line after its kmesh_frontends insert, cleared or handed to another frontend
+ * before its delete; a frontend whose four lines are taken moves one of their holders to a
+ * free line of its other pair first), so every line names a frontend kmesh_frontends holds
+ * with the sid it holds; kmesh_frontends stays the truth, and finds a frontend that found no
+ * line. A write from user space is a plain copy, so a program may read a line half written:
+ * check covers the key and the sid, and a mixture fails it (for two keys, unless their hashes
+ * agree) and reads as a miss. A wrong sid would be caught anyway by the record's frontend
  * (struct kmesh_record): never another Service. */
 #ifndef KMESH_FRONTEND_LINES
 #define KMESH_FRONTEND_LINES 65536 /* a power of two >= 4 x KMESH_MAX_SERVICES (build.py) */
 #endif
-#define KMESH_FRONTEND_WAYS 2 /* lines of a pair; the program tries both */
+#define KMESH_FRONTEND_WAYS 2 /* lines of a pair; the program tries both of each pair */
 #define KMESH_FRONTEND_SEED 0x9e3779b97f4a7c15ULL
 
 struct kmesh_frontend_line {
@@ -203,8 +205,10 @@ struct kmesh_reverse {
  * No lock guards a slot: two CPUs may write one at once, and a reader may see a write half
  * done. check, written last, is kmesh_check over the other fields: a reader uses an entry only
  * when its socket cookie and endpoint are the reader's and check matches what it read, so a
- * torn or mixed entry is taken for a miss, not for another frontend (a 64-bit check: a mixture
- * passes it with odds of about 2^-64). check 0 marks an empty or forgotten slot. */
+ * torn or mixed entry is taken for a miss, not for another frontend (a universal hash: a
+ * mixture passes it with odds of about 2^-32, and a torn read is itself a race of
+ * nanoseconds between two sockets whose cookies are 65,536 apart). check 0 marks an empty or
+ * forgotten slot. */
 struct kmesh_translation {
 	__u64 socket_cookie;
 	struct kmesh_endpoint endpoint;

@@ -229,7 +229,7 @@ def read_translated(items: Iterable[tuple[bytes, bytes]]) -> list[ReverseView]:
 def read_cached(items: Iterable[tuple[bytes, bytes]], lines: int,
                 groups: dict[Frontend, Published]) -> set[Frontend]:
     """The frontends of ``groups`` with a kmesh_frontend_cache line the program would use for
-    them: in their pair, whole, and naming the sid the group has."""
+    them: in one of their two pairs, whole, and naming the sid the group has."""
     out = set()
     for k, v in items:
         line = records.read_frontend_line(v)
@@ -237,9 +237,8 @@ def read_cached(items: Iterable[tuple[bytes, bytes]], lines: int,
             continue
         frontend = Frontend.unpack(line[0])
         p = groups.get(frontend)
-        first = records.U32.unpack(k)[0] & (lines - records.FRONTEND_WAYS)
         if p is not None and p.sid == line[1] and frontend.pack() == line[0] and \
-                records.frontend_pair(line[0], lines) == first:
+                records.U32.unpack(k)[0] in records.frontend_candidates(line[0], lines):
             out.add(frontend)
     return out
 

@@ -19,7 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Constants shared with bpf/kmesh_lb.h (the header names them once on its side).
 MAX_TIERS = 8
 SETS = 2
-LAYOUT_VERSION = 7  # KMESH_LAYOUT_VERSION
+LAYOUT_VERSION = 8  # KMESH_LAYOUT_VERSION
 INLINE_SLOTS = 4  # KMESH_INLINE_SLOTS: slots of the picked tier a record carries
 MODE_RANDOM = 0
 MODE_FAILOVER = 1
@@ -33,7 +33,7 @@ MAX_REVERSE = 65536  # KMESH_MAX_REVERSE
 MAX_AFFINITY = 65536  # KMESH_MAX_AFFINITY
 MAX_TRANSLATED = 65536  # KMESH_MAX_TRANSLATED (a power of two)
 FRONTEND_SEED = 0x9E3779B97F4A7C15  # KMESH_FRONTEND_SEED
-FRONTEND_WAYS = 2  # KMESH_FRONTEND_WAYS: the lines of a pair, either of which may cache one
+FRONTEND_WAYS = 2  # KMESH_FRONTEND_WAYS: the lines of a pair (a frontend has two pairs)
 FRONTEND_LINES_PER_SERVICE = 4  # kmesh_frontend_cache lines per service group, rounded up
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds: Kubernetes' sessionAffinityConfig default
 
@@ -236,12 +236,19 @@ def _mix(x: int) -> int:
     return x ^ (x >> 33)
 
 
-def _fold(h: int, packed20: bytes) -> int:
-    """kmesh_fold: five native-order words of a packed endpoint or frontend key into h."""
-    w = _WORDS5.unpack(packed20)
-    h = _mix(h ^ (w[0] | w[1] << 32))
-    h = _mix(h ^ (w[2] | w[3] << 32))
-    return _mix(h ^ w[4])
+# KMESH_NH_0 .. KMESH_NH_11: the key words of the NH sums in bpf/kmesh_lb.c.
+NH_KEY = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0,
+          0x082EFA98, 0xEC4E6C89, 0x452821E6, 0x38D01377, 0xBE5466CF, 0x34E90C6C)
+_U32_MASK = (1 << 32) - 1
+
+
+def _nh(words: tuple[int, ...]) -> int:
+    """The NH sum (kmesh_nh terms) of an even number of 4-byte words, key words from NH_KEY[0]."""
+    total = 0
+    for i in range(0, len(words), 2):
+        total += (((words[i] + NH_KEY[i]) & _U32_MASK)
+                  * ((words[i + 1] + NH_KEY[i + 1]) & _U32_MASK))
+    return total & _U64
 
 
 def translation_slot(socket_cookie: int) -> int:
@@ -251,31 +258,43 @@ def translation_slot(socket_cookie: int) -> int:
 
 def translation_check(socket_cookie: int, endpoint: bytes, frontend: bytes) -> int:
     """kmesh_check: what a whole kmesh_translation entry carries in ``check`` (never 0)."""
-    return _fold(_fold(_mix(socket_cookie), endpoint), frontend) | 1
+    words = (socket_cookie & _U32_MASK, socket_cookie >> 32 & _U32_MASK,
+             *_WORDS5.unpack(endpoint), *_WORDS5.unpack(frontend))
+    return _mix(_nh(words)) | 1
 
 
 def frontend_lines(max_services: int) -> int:
     """KMESH_FRONTEND_LINES for a capacity: FRONTEND_LINES_PER_SERVICE lines per group, rounded
-    up to a power of two (a pair is a hash masked with it). Mostly empty, so that a third
-    frontend on a pair is rare: at 10,000 groups of 16,384 (65,536 lines) about 98.6% of them
-    are cached, at 16,384 about 97%."""
+    up to a power of two (a pair is a hash masked with it). A frontend may sit in any line of
+    two pairs, and the writer moves a holder to make room, so that one finds no line only when
+    the cache is nearly full."""
     return 1 << (FRONTEND_LINES_PER_SERVICE * max(1, max_services) - 1).bit_length()
 
 
 def frontend_hash(frontend: bytes) -> int:
-    """kmesh_fold(KMESH_FRONTEND_SEED, key) over a packed frontend key."""
-    return _fold(FRONTEND_SEED, frontend)
+    """kmesh_frontend_hash over a packed frontend key."""
+    return _mix(FRONTEND_SEED ^ _nh((*_WORDS5.unpack(frontend), 0)))
 
 
-def frontend_pair(frontend: bytes, lines: int) -> int:
-    """The first kmesh_frontend_cache line of the pair a packed frontend key may sit in (the
-    other is the next one), in a cache of ``lines``."""
-    return frontend_hash(frontend) & (lines - FRONTEND_WAYS)
+def frontend_pairs(frontend: bytes, lines: int) -> tuple[int, int]:
+    """The first lines of the two pairs a packed frontend key may sit in (each pair's other
+    line is the next one), in a cache of ``lines``: the hash's low half, then its high half."""
+    h = frontend_hash(frontend)
+    return h & (lines - FRONTEND_WAYS), (h >> 32) & (lines - FRONTEND_WAYS)
+
+
+def frontend_candidates(frontend: bytes, lines: int) -> tuple[int, ...]:
+    """Every line a packed frontend key may sit in, in the order the program tries them (two
+    pairs, or one when both halves of its hash name the same pair)."""
+    first, second = frontend_pairs(frontend, lines)
+    pairs = (first,) if first == second else (first, second)
+    return tuple(pair + way for pair in pairs for way in range(FRONTEND_WAYS))
 
 
 def frontend_line(frontend: bytes, sid: int) -> bytes:
     """The kmesh_frontend_line that caches ``frontend`` (packed) -> ``sid``."""
-    return FRONTEND_LINE.pack_fields(frontend, sid, _mix(frontend_hash(frontend) ^ sid) | 1)
+    check = (frontend_hash(frontend) ^ sid << 32) | 1  # kmesh_line_check
+    return FRONTEND_LINE.pack_fields(frontend, sid, check)
 
 
 def read_frontend_line(raw: bytes) -> tuple[bytes, int] | None:

@@ -54,7 +54,7 @@ import heapq
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kmesh_plugin.datapath import records
@@ -191,15 +191,6 @@ class _Retired:
     frees_sid: bool  # the group was removed: its sid returns to the pool once reclaimed
 
 
-@dataclass
-class _Pair:
-    """A kmesh_frontend_cache pair: the frontend each line holds, and those waiting for one
-    (found by the hash meanwhile), in order of arrival."""
-
-    ways: list[Frontend | None] = field(default_factory=lambda: [None] * records.FRONTEND_WAYS)
-    waiting: list[Frontend] = field(default_factory=list)
-
-
 _Plan = list[tuple[Frontend, int, int, int, BackendSet]]  # frontend, sid, set, generation, set
 
 
@@ -227,8 +218,11 @@ class MapWriter:
         self._active_slots = 0
         self._retired_slots = 0
         self._lines = dp[records.MAP_FRONTEND_CACHE].max_entries
-        self._pairs: dict[int, _Pair] = {}  # kmesh_frontend_cache pair -> who is on it
-        self._cached = 0  # lines that hold a frontend
+        # kmesh_frontend_cache: who holds each line, and the frontends that found none (by
+        # the hash meanwhile), in order of arrival, with their sids.
+        self._holder: dict[int, Frontend] = {}
+        self._line: dict[Frontend, tuple[int, int]] = {}  # frontend -> (its line, its sid)
+        self._waiting: dict[Frontend, int] = {}
 
     def close(self) -> None:
         self.grace.close()
@@ -621,53 +615,66 @@ class MapWriter:
 
     # -- kmesh_frontend_cache ----------------------------------------------------------------
 
-    def _pair_of(self, frontend: Frontend) -> int:
-        return records.frontend_pair(frontend.pack(), self._lines)
+    def _candidates(self, frontend: Frontend) -> tuple[int, ...]:
+        return records.frontend_candidates(frontend.pack(), self._lines)
 
     def _cache_changes(self, adds: list[tuple[Frontend, int]],
                        removes: list[Frontend]) -> list[tuple[bytes, bytes]]:
-        """Book the frontends ``adds`` (with their sids) and ``removes`` onto their pairs;
-        return the line writes that follow (a removed frontend's line goes to the first one
-        waiting on the pair, or is cleared). Removals first, so that an add takes a line freed
-        in the same step."""
+        """Book the frontends ``adds`` (with their sids) and ``removes`` onto their lines;
+        return the line writes that follow, in the order they must happen. A removed
+        frontend's line goes to the first frontend waiting for it, or is cleared. An added one
+        takes a free line of its two pairs; when all four are taken, a holder with a free line
+        in its own other pair moves there first (its copy is written before its old line is,
+        so the program finds it all along); failing that it waits. Removals first, so that an
+        add takes a line freed in the same step."""
         writes: dict[int, bytes] = {}
+
+        def put(line: int, frontend: Frontend, sid: int) -> None:
+            self._holder[line] = frontend
+            self._line[frontend] = (line, sid)
+            writes.pop(line, None)  # re-inserted: dict order is write order
+            writes[line] = records.frontend_line(frontend.pack(), sid)
+
         for frontend in removes:
-            first = self._pair_of(frontend)
-            pair = self._pairs.get(first)
-            if pair is None:
+            if self._waiting.pop(frontend, None) is not None:
                 continue
-            if frontend in pair.waiting:
-                pair.waiting.remove(frontend)
-            elif frontend in pair.ways:
-                way = pair.ways.index(frontend)
-                if pair.waiting:
-                    heir = pair.waiting.pop(0)
-                    pair.ways[way] = heir
-                    writes[first + way] = records.frontend_line(heir.pack(),
-                                                                self.published[heir].sid)
-                else:
-                    pair.ways[way] = None
-                    writes[first + way] = bytes(records.FRONTEND_LINE.size)
-                    self._cached -= 1
-            if not pair.waiting and pair.ways == [None] * records.FRONTEND_WAYS:
-                del self._pairs[first]
-        for frontend, sid in adds:
-            first = self._pair_of(frontend)
-            pair = self._pairs.setdefault(first, _Pair())
-            if None in pair.ways:
-                way = pair.ways.index(None)
-                pair.ways[way] = frontend
-                writes[first + way] = records.frontend_line(frontend.pack(), sid)
-                self._cached += 1
+            held = self._line.pop(frontend, None)
+            if held is None:
+                continue
+            line = held[0]
+            del self._holder[line]
+            heir = next((f for f in self._waiting if line in self._candidates(f)), None)
+            if heir is not None:
+                put(line, heir, self._waiting.pop(heir))
             else:
-                pair.waiting.append(frontend)
+                writes.pop(line, None)
+                writes[line] = bytes(records.FRONTEND_LINE.size)
+        for frontend, sid in adds:
+            if not self._place(frontend, sid, put):
+                self._waiting[frontend] = sid
         return [(records.U32.pack(line), value) for line, value in writes.items()]
+
+    def _place(self, frontend: Frontend, sid: int,
+               put: Callable[[int, Frontend, int], None]) -> bool:
+        candidates = self._candidates(frontend)
+        for line in candidates:
+            if line not in self._holder:
+                put(line, frontend, sid)
+                return True
+        for line in candidates:  # every line taken: move a holder that has room elsewhere
+            holder = self._holder[line]
+            for room in self._candidates(holder):
+                if room not in self._holder:
+                    put(room, holder, self._line[holder][1])
+                    put(line, frontend, sid)
+                    return True
+        return False
 
     def _rewrite_cache(self, table: Mapping[Frontend, Published]) -> None:
         """Make every kmesh_frontend_cache line what ``table`` (read from kmesh_frontends)
         gives it, and rebuild the books: whatever a crash, a failed write or a foreign
         writer left there."""
-        self._pairs, self._cached = {}, 0
+        self._holder, self._line, self._waiting = {}, {}, {}
         ordered = sorted(table.items(), key=lambda item: item[1].sid)
         want = dict(self._cache_changes([(f, p.sid) for f, p in ordered], []))
         empty = bytes(records.FRONTEND_LINE.size)
@@ -694,7 +701,7 @@ class MapWriter:
         groups = len(self.published)
         return {
             records.MAP_FRONTENDS: groups,
-            records.MAP_FRONTEND_CACHE: self._cached,
+            records.MAP_FRONTEND_CACHE: len(self._holder),
             records.MAP_VIPS: len(self.vips),
             records.MAP_ACTIVE: groups,
             records.MAP_RECORDS: groups * records.SETS,

@@ -79,7 +79,7 @@ def render_dump(view: inspect.DatapathView, pods: list[dict[str, Any]]) -> str:
         affinity = (f", session affinity {g['affinity_timeout']} s" if g["affinity_timeout"]
                     else "")
         # A frontend that shares its cache line with another costs a hash lookup per connect.
-        slow = "" if g["cached"] else ", found by hash (its cache line holds another frontend)"
+        slow = "" if g["cached"] else ", found by hash (its cache lines hold other frontends)"
         lines.append(f"  {g['frontend']}  sid {p.sid}, set {p.set}, generation {p.generation}, "
                      f"{g['mode']}{affinity}{slow}")
         for tier, members in enumerate(g["tiers"]):

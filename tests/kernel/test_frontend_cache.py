@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,13 +39,24 @@ def lines(bed: Bed) -> int:
     return bed.dp[records.MAP_FRONTEND_CACHE].max_entries
 
 
-def line_of(bed: Bed, frontend: Frontend, way: int = 0) -> bytes:
-    """Line ``way`` of the pair ``frontend`` may sit in."""
-    return records.U32.pack(records.frontend_pair(frontend.pack(), lines(bed)) + way)
+def candidates(bed: Bed, frontend: Frontend) -> tuple[int, ...]:
+    return records.frontend_candidates(frontend.pack(), lines(bed))
 
 
-def read_line(bed: Bed, frontend: Frontend, way: int = 0) -> bytes | None:
-    return bed.dp[records.MAP_FRONTEND_CACHE].lookup(line_of(bed, frontend, way))
+def line_of(bed: Bed, frontend: Frontend, which: int = 0) -> bytes:
+    """The key of candidate line ``which`` of ``frontend``, in the order the program tries
+    them (0 and 1: its first pair)."""
+    return records.U32.pack(candidates(bed, frontend)[which])
+
+
+def read_line(bed: Bed, frontend: Frontend, which: int = 0) -> bytes | None:
+    return bed.dp[records.MAP_FRONTEND_CACHE].lookup(line_of(bed, frontend, which))
+
+
+def read_lines(bed: Bed, first: int) -> list[bytes | None]:
+    """Both lines of the pair that starts at line ``first``."""
+    cache = bed.dp[records.MAP_FRONTEND_CACHE]
+    return [cache.lookup(records.U32.pack(first + way)) for way in range(records.FRONTEND_WAYS)]
 
 
 EMPTY = bytes(records.FRONTEND_LINE.size)
@@ -55,18 +66,18 @@ def sid_of(bed: Bed, frontend: Frontend) -> int:
     return read_table(bed.dp)[frontend].sid
 
 
-def sharing_a_pair(bed: Bed, frontend: Frontend, count: int) -> list[Frontend]:
-    """``count`` other ClusterIPs on the same port whose cache pair is ``frontend``'s."""
-    want = line_of(bed, frontend)
+def clusterips(bed: Bed, want: Callable[[tuple[int, ...]], bool], count: int) -> list[Frontend]:
+    """``count`` TCP frontends on port 80 whose candidate lines satisfy ``want``, from
+    198.19.1.0 on."""
     base = int(ipaddress.IPv4Address("198.19.1.0"))
     out = []
-    for i in range(64 * lines(bed)):  # a pair is hit once in lines / 2 tries on average
-        other = Frontend(ipaddress.IPv4Address(base + i), frontend.port, frontend.protocol)
-        if line_of(bed, other) == want:
+    for i in range(1 << 20):
+        other = Frontend(ipaddress.IPv4Address(base + i), 80, socket.IPPROTO_TCP)
+        if want(candidates(bed, other)):
             out.append(other)
             if len(out) == count:
                 return out
-    raise AssertionError("too few ClusterIPs share the pair")  # odds about e^-100
+    raise AssertionError("too few ClusterIPs have such lines")
 
 
 def errnos(results: list[dict[str, object]]) -> set[object]:
@@ -91,42 +102,58 @@ def test_the_line_the_writer_writes_is_the_one_the_program_reads(bed: Bed) -> No
     assert read_line(bed, FRONT_A) == EMPTY
 
 
-def test_a_third_frontend_on_a_pair_waits_for_a_line(bed: Bed) -> None:
-    a = bed.server("a", "198.18.0.1", 8080)
-    b = bed.server("b", "198.18.0.2", 8080)
-    c = bed.server("c", "198.18.0.3", 8080)
+def test_a_holder_moves_to_make_room_and_a_frontend_without_room_waits(bed: Bed) -> None:
+    """X may sit in pairs P and Q; S1, S2 and S3 in P only (both halves of their hash name
+    it). X and S1 take P's lines; S2 finds them taken, so X moves to Q (its copy first) and S2
+    takes X's line; S3 finds P held by two frontends that cannot move, and waits."""
+    servers = {name: bed.server(name, f"198.18.0.{i + 1}", 8080)
+               for i, name in enumerate(("x", "s1", "s2", "s3"))}
     client = bed.client()
-    front_b, front_c = sharing_a_pair(bed, FRONT_A, 2)
-    urls = {name: f"http://{f.ip}:80/hello" for name, f in
-            (("a", FRONT_A), ("b", front_b), ("c", front_c))}
-    for frontend, server in ((FRONT_A, a), (front_b, b), (front_c, c)):
-        bed.publish({frontend: tiers([server], mode=MODE_RANDOM)})
-    sid = {f: sid_of(bed, f) for f in (FRONT_A, front_b, front_c)}
-    line = {f: records.frontend_line(f.pack(), sid[f]) for f in sid}
-    # The first two hold the pair's lines; the third is found by the hash.
-    assert [read_line(bed, FRONT_A, 0), read_line(bed, FRONT_A, 1)] == \
-        [line[FRONT_A], line[front_b]]
-    for name, url in urls.items():
-        assert set(answered(client.get(url, count=10))) == {name}
-    assert bed.writer.entries()[records.MAP_FRONTEND_CACHE] == 2
+    (s1,) = clusterips(bed, lambda c: len(c) == 2, 1)
+    p = candidates(bed, s1)[0]
+    first, s2, s3 = clusterips(bed, lambda c: c == (p, p + 1), 3)
+    assert first == s1
+    (x,) = clusterips(bed, lambda c: len(c) == 4 and c[0] == p, 1)
+    q = candidates(bed, x)[2]
+    names = {x: "x", s1: "s1", s2: "s2", s3: "s3"}
+    for frontend in (x, s1, s2, s3):
+        bed.publish({frontend: tiers([servers[names[frontend]]], mode=MODE_RANDOM)})
+    sid = {f: sid_of(bed, f) for f in names}
+    line = {f: records.frontend_line(f.pack(), sid[f]) for f in names}
+    assert read_lines(bed, p) == [line[s2], line[s1]]
+    assert read_lines(bed, q) == [line[x], EMPTY]
+    assert bed.writer.entries()[records.MAP_FRONTEND_CACHE] == 3
 
-    # A goes: its line is C's before A's kmesh_frontends entry is deleted, and A is no
+    def answers(frontend: Frontend) -> set[str]:
+        return set(answered(client.get(f"http://{frontend.ip}:{frontend.port}/hello",
+                                       count=10)))
+
+    # The lines answer: without their kmesh_frontends entries X, S1 and S2 still translate,
+    # and S3, which waits, answers from the hash.
+    for frontend in (x, s1, s2):
+        bed.dp[records.MAP_FRONTENDS].delete(frontend.pack())
+    for frontend, name in names.items():
+        assert answers(frontend) == {name}
+    for frontend in (x, s1, s2):
+        bed.dp[records.MAP_FRONTENDS].update(frontend.pack(),
+                                             records.FRONTEND.pack({"sid": sid[frontend]}))
+
+    # S2 goes: its line is S3's before S2's kmesh_frontends entry is deleted, and S2 is no
     # Service the moment publish returns (untouched, it has no route here).
-    bed.publish({FRONT_A: None})
-    assert read_line(bed, FRONT_A, 0) == line[front_c]
-    assert errnos(client.connect(VIP_A, 80, count=5)) == {"ENETUNREACH"}
-    bed.dp[records.MAP_FRONTENDS].delete(front_c.pack())  # C now answers from its line
-    assert set(answered(client.get(urls["c"], count=10))) == {"c"}
-    bed.dp[records.MAP_FRONTENDS].update(front_c.pack(),
-                                         records.FRONTEND.pack({"sid": sid[front_c]}))
+    bed.publish({s2: None})
+    assert read_lines(bed, p) == [line[s3], line[s1]]
+    assert errnos(client.connect(str(s2.ip), 80, count=5)) == {"ENETUNREACH"}
+    bed.dp[records.MAP_FRONTENDS].delete(s3.pack())  # S3 now answers from its line
+    assert answers(s3) == {"s3"}
+    bed.dp[records.MAP_FRONTENDS].update(s3.pack(), records.FRONTEND.pack({"sid": sid[s3]}))
 
     # Nobody waits: a line that goes is cleared.
-    bed.publish({front_b: None})
-    assert [read_line(bed, FRONT_A, 0), read_line(bed, FRONT_A, 1)] == [line[front_c], EMPTY]
-    bed.publish({front_c: None})
-    assert [read_line(bed, FRONT_A, 0), read_line(bed, FRONT_A, 1)] == [EMPTY, EMPTY]
+    bed.publish({s1: None})
+    assert read_lines(bed, p) == [line[s3], EMPTY]
+    bed.publish({s3: None, x: None})
+    assert read_lines(bed, p) == read_lines(bed, q) == [EMPTY, EMPTY]
     assert bed.writer.entries()[records.MAP_FRONTEND_CACHE] == 0
-    assert errnos(client.connect(str(front_c.ip), 80, count=5)) == {"ENETUNREACH"}
+    assert errnos(client.connect(str(s3.ip), 80, count=5)) == {"ENETUNREACH"}
 
 
 def test_a_line_torn_or_naming_another_sid_never_routes_to_another_service(bed: Bed) -> None:

@@ -232,9 +232,9 @@ def test_read_shows_only_whole_translations(monkeypatch: pytest.MonkeyPatch) -> 
     assert v.capacity[records.MAP_TRANSLATED] == records.MAX_TRANSLATED
 
 
-def cache_line(frontend: Frontend, sid: int, way: int = 0,
+def cache_line(frontend: Frontend, sid: int, which: int = 0,
                lines: int = FakeDatapath.capacities.frontend_lines) -> tuple[bytes, bytes]:
-    line = records.frontend_pair(frontend.pack(), lines) + way
+    line = records.frontend_candidates(frontend.pack(), lines)[which]
     return records.U32.pack(line), records.frontend_line(frontend.pack(), sid)
 
 
@@ -242,13 +242,14 @@ def test_read_counts_only_the_cache_lines_a_connect_would_use(
         monkeypatch: pytest.MonkeyPatch) -> None:
     groups = {FE: sticky((EP1,), (EP2,)),
               OTHER: Published(1, 0, 1, BackendSet(MODE_RANDOM, ((b(EP1, 53),),)))}
-    good = cache_line(FE, groups[FE].sid, way=1)
+    good = cache_line(FE, groups[FE].sid, which=-1)  # the last line of its second pair
     wrong_sid = cache_line(OTHER, 7)  # whole, but not the sid OTHER has
-    key, value = cache_line(OTHER, 1, way=1)
+    key, value = cache_line(OTHER, 1, which=1)
     torn = bytearray(value)
     torn[0] ^= 1  # the check no longer covers the fields
     lines = FakeDatapath.capacities.frontend_lines
-    elsewhere = ((records.frontend_pair(OTHER.pack(), lines) + 2) % lines, value)  # not its pair
+    mine = records.frontend_candidates(OTHER.pack(), lines)
+    elsewhere = (next(n for n in range(lines) if n not in mine), value)  # none of its lines
     dp = fake_datapath([], [])
     dp.maps[records.MAP_FRONTEND_CACHE].items = [
         good, wrong_sid, (key, bytes(torn)), (records.U32.pack(elsewhere[0]), elsewhere[1])]

@@ -322,6 +322,7 @@ class FloorCost:
         self.floor_runs = 0
         self.errors: dict[str, int] = {}
         self.settle: dict[str, Any] | None = None
+        self.cached: bool | None = None  # the frontend had a kmesh_frontend_cache line
 
     def add(self, delta: tuple[int, int], floor: tuple[int, int] | None,
             errors: Mapping[str, Any]) -> None:
@@ -355,7 +356,20 @@ class FloorCost:
                 "difference_ns": statistics.median(diffs) if diffs else None,
                 "floor_ratios": ratios, "floor_interval": iv,
                 "ratio_to_floor": iv["median"] if iv else None,
-                "settle": self.settle, "errors": self.errors}
+                "settle": self.settle, "errors": self.errors, "cached": self.cached}
+
+
+def has_cache_line(net: BenchNet, frontend: Frontend) -> bool:
+    """Whether the kernel's kmesh_frontend_cache holds a line the program would use for
+    ``frontend`` (else its connects take the kmesh_frontends hash, and cost more)."""
+    assert net.dp is not None
+    cache = net.dp[records.MAP_FRONTEND_CACHE]
+    for line in records.frontend_candidates(frontend.pack(), cache.max_entries):
+        value = cache.lookup(records.U32.pack(line))
+        if value is not None and (found := records.read_frontend_line(value)) is not None \
+                and found[0] == frontend.pack():
+            return True
+    return False
 
 
 def program_cost(net: BenchNet, programmed: Programmed, *, window: float,
@@ -387,6 +401,7 @@ def program_cost(net: BenchNet, programmed: Programmed, *, window: float,
                     pin = {name: net.dp.pins.progs / f"kmesh_{name}"}
                     floor = {name: floors[name]}
                     cost = FloorCost(programmed.n, mode, name)
+                    cost.cached = has_cache_line(net, front)
 
                     def window_once(front: Frontend = front, name: str = name,
                                     pin: dict[str, Path] = pin, floor: dict[str, str] = floor,

@@ -397,10 +397,12 @@ def _cost_rows(costs: list[dict[str, Any]], with_load: bool) -> list[str]:
         iv = c.get("floor_interval") or (interval(ratios) if ratios else None)
         diff = c.get("difference_ns")
         cells = [f"{c['n']}"]
+        # A frontend without a kmesh_frontend_cache line costs a hash lookup more: say so.
+        program = c["program"] + (" (frontend by hash)" if c.get("cached") is False else "")
         if with_load:
-            cells += [c["program"], c["mode"], LOADS[c["load"]]]
+            cells += [program, c["mode"], LOADS[c["load"]]]
         else:
-            cells += [c["mode"], c["program"]]
+            cells += [c["mode"], program]
         cells += [_ns_cell(c["ns_per_run"]), _ns_cell(c.get("floor_ns_per_run")),
                   "-" if diff is None else f"{diff:+.0f}", _iv(iv, ".2f") if iv else "-"]
         cells.append(f"{c['runs']:,}" if with_load else f"{len(c.get('samples') or [])}")
