@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from datapath_bed import Bed, answered, ip, tiers
 
-from kmesh_plugin.datapath import records
-from kmesh_plugin.datapath.records import MODE_RANDOM, Frontend
+from kmesh_plugin.datapath import inspect, records
+from kmesh_plugin.datapath.build import Capacities
+from kmesh_plugin.datapath.records import MODE_RANDOM, Backend, Frontend
 from kmesh_plugin.datapath.writer import read_table
 
 pytestmark = pytest.mark.kernel
@@ -180,3 +181,25 @@ def test_a_line_torn_or_naming_another_sid_never_routes_to_another_service(bed: 
     assert cache is not bed.dp[records.MAP_FRONTEND_CACHE]
     assert read_line(bed, FRONT_A) == good
     assert set(answered(client.get(f"http://{VIP_A}:80/hello", count=20))) == {"a"}
+
+
+def test_every_frontend_of_a_full_default_capacity_finds_a_line(
+        pin_dir: Path, cgroup: Path, netns: str, build_dir: Path) -> None:
+    """At the shipped capacity, 16,384 groups (16 ports per ClusterIP, as the bench makes
+    them) fill a quarter of the 65,536 lines: with one pair per frontend about 3% found no
+    line. With two pairs and moves every one of them has a line the program would use."""
+    caps = Capacities(16384, 2 * 16384)
+    assert records.frontend_lines(caps.max_services) == 65536
+    full = Bed(pin_dir, cgroup, netns, build_dir, capacities=caps)
+    try:
+        base = int(ipaddress.IPv4Address("10.96.0.0"))
+        endpoint = tiers([Backend(ip("198.18.0.1"), 8080)], mode=MODE_RANDOM)
+        table = {Frontend(ipaddress.IPv4Address(base + i // 16), 1000 + i % 16,
+                          socket.IPPROTO_TCP): endpoint for i in range(caps.max_services)}
+        stats = full.writer.sync(table)
+        assert stats.added == len(table) and not stats.left_out
+        view = inspect.read(full.dp)
+        assert view.cached == set(table)
+        assert full.writer.entries()[records.MAP_FRONTEND_CACHE] == len(table)
+    finally:
+        full.close()
