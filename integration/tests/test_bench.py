@@ -115,9 +115,9 @@ def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
     per_n = {"connect_ratio", "program_cost", "udp_rr_ratio", "affinity_connect_ratio"}
     assert set(names) == {f"{k} N={n}" for k in per_n for n in (1, 100)} | {
         "api_sync_time", "api_sync_rss", "api_change_p99", "api_relist_failures",
-        "recompute_failures"}
+        "recompute_failures", "cni_add_p99", "cni_del_p99"}
     for t in rows:
-        if t["target"] in per_n:
+        if t["target"] in per_n or t["target"].startswith("cni_"):
             # Measured at every N, judged by an interval of figures of that N only.
             assert t["verdict"] in ("pass", "fail", "inconclusive"), t
             assert ordered(t["interval"]) and t["value"] == t["interval"]["median"], t
@@ -128,6 +128,10 @@ def test_quick_benchmark_produces_every_figure(kernel: None, cni_plugins: None,
         assert targets[f"connect_ratio N={n}"]["interval"]["rounds"] == bpf["rounds"]
     assert targets["recompute_failures"]["verdict"] == "pass"
     assert targets["api_relist_failures"]["verdict"] == "pass"
+    # The CNI p99s are judged on one sample per pod, the pods the settle step added included.
+    cni = results["cni"]
+    assert len(cni["samples_ms"]["ours_add"]) == cni["pods"] == 20 + cni["settle"]["added_rounds"]
+    assert targets["cni_add_p99"]["interval"]["rounds"] == cni["pods"]
     # The quick run has no 100,000-endpoint sync: that target is not judged on a smaller one.
     assert targets["api_sync_time"]["value"] is None
     assert targets["api_sync_time"]["verdict"] is None

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if "control" not in skip:
                 results["control"] = run_control(net, args)
     if "cni" not in skip:
-        results["cni"] = cni.run(args.cni_pods)
+        results["cni"] = cni.run(args.cni_pods, args.settle_seconds)
     results["targets"] = report.evaluate(results)
     report.save(results, args.out)
     print()

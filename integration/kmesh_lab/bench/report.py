@@ -42,7 +42,10 @@ TARGETS_DOC = {
     "api_relist_failures": "API path: failed connects during a relist after 410 "
                            "(100,000 endpoints) = 0",
     "recompute_failures": "failed connects during a full recompute (own-node relabel) = 0",
+    "cni_add_p99": "kmesh-cni ADD in a bridge + host-local chain: p99 <= 50 ms (95% interval)",
+    "cni_del_p99": "kmesh-cni DEL in that chain: p99 <= 50 ms (95% interval)",
 }
+CNI_TARGET_MS = 50.0
 VERDICTS = ("pass", "fail", "inconclusive")
 
 # -- statistics -------------------------------------------------------------------------------
@@ -79,6 +82,35 @@ def interval(ratios: Sequence[float], *, level: float = LEVEL, resamples: int = 
         lo, hi = min(float(lo_), med), max(float(hi_), med)
     return {"median": med, "lo": lo, "hi": hi, "level": level, "rounds": len(values),
             "method": f"percentile bootstrap of the median, {resamples} resamples, seed {seed}"}
+
+
+def quantile_of(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile as the bench's latency tables take it: the sample at rank
+    round(q * (n - 1)) of the sorted values."""
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def quantile_interval(values: Sequence[float], q: float, *, level: float = LEVEL,
+                      resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, Any] | None:
+    """The ``q`` quantile of ``values`` (one per sample, e.g. one CNI ADD each) and its
+    percentile-bootstrap interval: as ``interval``, with that quantile in place of the median.
+    "rounds" counts the samples. None without values."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return None
+    import numpy as np
+
+    arr = np.asarray(xs)
+    rng = np.random.default_rng(seed)
+    resampled = np.sort(arr[rng.integers(0, len(xs), size=(resamples, len(xs)))], axis=1)
+    rank = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
+    lo_, hi_ = np.quantile(resampled[:, rank], [(1 - level) / 2, (1 + level) / 2])
+    value = quantile_of(xs, q)
+    return {"median": value, "lo": min(float(lo_), value), "hi": max(float(hi_), value),
+            "level": level, "rounds": len(xs), "quantile": q,
+            "method": f"percentile bootstrap of the p{q * 100:g}, {resamples} resamples, "
+                      f"seed {seed}"}
 
 
 def verdict(iv: dict[str, Any] | None, target: float, higher_is_better: bool = True,
@@ -294,6 +326,14 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     relabel = ctl.get("relabel")
     valued("recompute_failures", relabel["failed_connects"] if relabel else None, 0, "",
            f"{relabel['connects']} connects during the recompute" if relabel else "")
+
+    cni = results.get("cni") or {}
+    for key, step in (("cni_add_p99", "ours_add"), ("cni_del_p99", "ours_del")):
+        samples = (cni.get("samples_ms") or {}).get(step) or []
+        iv = quantile_interval(samples, 0.99) if samples else None
+        settled = cni.get("settle")
+        judged(key, None, iv, CNI_TARGET_MS, False, " ms",
+               rounds_detail(settled, len(samples), "pods") if iv else "", settled)
     return out
 
 
